@@ -1,0 +1,147 @@
+"""On-disk formats: atomic writes, safetensors + JSON, and the run directory.
+
+A run directory holds
+  config.json          everything needed to rebuild the SDE, network and scaler
+  model.safetensors    raw weights
+  ema.safetensors      EMA weights (what sampling and evaluation use by default)
+  state.safetensors    optimizer moments, RNG states, data order: the resume state
+  state.json           step, EMA count, and the sha256 of every weight file of this checkpoint
+  metrics.jsonl        one JSON line per logged training step
+
+state.json is written last, so a checkpoint is complete exactly when the hashes it lists match
+the files beside it; a crash mid-save is caught at load instead of resuming from a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from difftime.config import read_json_file
+from difftime.errors import DifftimeError
+
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Save with safetensors atomically; returns the sha256 of the bytes written."""
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise DifftimeError(f"{path} does not exist")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise DifftimeError(
+            f"{path} does not match the checksum recorded in state.json: the file is corrupt or "
+            "from another checkpoint"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise DifftimeError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def load_state_dict_strict(module: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
+    """Load weights requiring the exact same keys and shapes, naming what differs."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise DifftimeError(
+            f"{source} does not match the network in config.json: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    for key, value in expected.items():
+        if tensors[key].shape != value.shape:
+            raise DifftimeError(
+                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the network in "
+                f"config.json expects {tuple(value.shape)}"
+            )
+        tensor = tensors[key]
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DifftimeError(f"{source}: tensor {key!r} holds NaN or Inf values")
+    module.load_state_dict(tensors, strict=True)
+
+
+@dataclass
+class Run:
+    """Everything ``load_run`` rebuilds from a run directory."""
+
+    path: Path
+    config: dict[str, Any]
+    sde: Any
+    model: nn.Module
+    scaler: Any
+    shape: tuple[int, ...]
+    step: int
+
+
+def load_run(path: str | Path, weights: str = "ema") -> Run:
+    """Rebuild the SDE, the network (``weights`` = "ema" or "model") and the scaler of a run."""
+    from difftime.data import Scaler
+    from difftime.nets import net_from_config
+    from difftime.sde import sde_from_config
+
+    path = Path(path)
+    if weights not in ("ema", "model"):
+        raise DifftimeError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if not (path / "config.json").is_file():
+        raise DifftimeError(f"{path} is not a difftime run directory (no config.json)")
+    config = read_json_file(path / "config.json", "run config")
+    try:
+        resolved = config["resolved"]
+        sde = sde_from_config(resolved["sde"])
+        model = net_from_config(resolved["net"])
+        scaler = Scaler.from_dict(resolved["scaler"])
+        shape = tuple(resolved["shape"])
+    except (KeyError, TypeError) as exc:
+        raise DifftimeError(f"{path / 'config.json'} is missing or has a malformed field {exc}") from None
+    state = read_json_file(path / "state.json", "checkpoint state") if (path / "state.json").is_file() else {}
+    file = path / f"{weights}.safetensors"
+    load_state_dict_strict(model, load_tensors(file, state.get("sha256", {}).get(file.name)), file)
+    model.eval()
+    return Run(path=path, config=config, sde=sde, model=model, scaler=scaler, shape=shape,
+               step=int(state.get("step", 0)))

@@ -1,0 +1,28 @@
+"""eps-prediction networks: ``model(x, t) -> eps_hat`` with absolute time t of shape (B,)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from difftime.errors import DifftimeError
+from difftime.nets.mlp import MLP
+from difftime.nets.unet import UNet
+
+NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
+
+
+def net_from_config(config: dict[str, Any]) -> nn.Module:
+    """Build a network from ``{"kind": "mlp"|"unet", **kwargs}``."""
+    config = dict(config)
+    kind = config.pop("kind", None)
+    if kind not in NETS:
+        raise DifftimeError(f"unknown network kind {kind!r}; expected one of {sorted(NETS)}")
+    try:
+        return NETS[kind](**config)
+    except TypeError as exc:
+        raise DifftimeError(f"bad arguments for network {kind!r}: {exc}") from None
+
+
+__all__ = ["MLP", "UNet", "NETS", "net_from_config"]
