@@ -35,3 +35,21 @@ class ExactGaussianEps(nn.Module):
         mean, var = marginal_moments(self.sde, self.mu, self.lam, t)
         eps = broadcast_to(self.sde.sigma(t), mean) * (x.flatten(1).to(mean.dtype) - mean) / var
         return (self.scale * eps).to(x.dtype).reshape(x.shape)
+
+
+class GaussianMarginal:
+    """The exact p_T = N(m(T) mu, diag(m(T)^2 lam + v(T))) as a prior (log_prob / sample)."""
+
+    def __init__(self, sde: SDE, mu: Tensor, lam: Tensor, T: float) -> None:
+        t = torch.tensor([T], dtype=torch.float64)
+        mean, var = marginal_moments(sde, mu.double(), lam.double(), t)
+        self.mean, self.var = mean[0], var[0]
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        x = x.flatten(1).to(self.mean.dtype)
+        out = -0.5 * ((x - self.mean) ** 2 / self.var + torch.log(2 * torch.pi * self.var)).sum(1)
+        return out
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn(n, len(self.mean), generator=generator, dtype=self.mean.dtype)
+        return self.mean + self.var.sqrt() * z

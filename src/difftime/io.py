@@ -31,6 +31,8 @@ from difftime.config import read_json_file
 from difftime.errors import DifftimeError
 
 FORMAT_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -39,6 +41,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from collaborators
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -157,6 +157,7 @@ class Trainer:
     def fit(self, run_dir: str | Path, progress: bool = True) -> dict[str, float]:
         """Train until ``train.steps``, logging and checkpointing into ``run_dir``."""
         run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         total = self.tr["steps"]
         log_path = run_dir / "metrics.jsonl"
         bar = tqdm(total=total, initial=self.step, disable=not progress, desc="train",

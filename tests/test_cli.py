@@ -1,0 +1,142 @@
+"""The command line: train, resume, sample, and one clear line with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from difftime.cli import main
+from difftime.io import sha256_file
+
+TINY = {
+    "net": {"kind": "unet", "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False},
+    "train": {"steps": 6, "batch_size": 16, "warmup": 2, "log_every": 2, "ckpt_every": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_config):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["train", "--data", "digits", "--config", str(tiny_config), "--out", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
+def _fingerprint(run):
+    return {p.name: sha256_file(p) for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def test_train_writes_a_complete_run_dir(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "model.safetensors", "ema.safetensors", "state.safetensors",
+            "state.json", "metrics.jsonl"} <= names
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["resolved"]["net"]["kind"] == "unet"
+    assert config["resolved"]["scaler"]["levels"] == 17
+    assert config["config"]["train"]["steps"] == 6
+    assert json.loads((trained_run / "state.json").read_text())["step"] == 6
+    assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_extends_training(tmp_path, trained_run, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    assert main(["train", "--resume", str(run), "--steps", "9", "--no-progress"]) == 0
+    assert json.loads((run / "state.json").read_text())["step"] == 9
+    assert "resuming" in capsys.readouterr().err
+
+
+def test_sample_writes_data_space_images_and_a_grid(tmp_path, trained_run, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(trained_run), "--T", "0.5", "--steps", "7", "--n", "9",
+                 "--out", str(out), "--grid", str(tmp_path / "g.png")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["nfe"] == 8 and report["T"] == 0.5
+    with np.load(out) as f:
+        samples = f["samples"]
+    assert samples.shape == (9, 1, 8, 8) and samples.dtype == np.uint8 and samples.max() <= 16
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_steps_per_unit_time_makes_nfe_proportional_to_T(tmp_path, trained_run, capsys):
+    nfes = []
+    for T in ("0.2", "0.4", "0.8"):
+        assert main(["sample", str(trained_run), "--T", T, "--steps-per-unit-time", "50", "--n", "2",
+                     "--out", str(tmp_path / f"{T}.npz")]) == 0
+        nfes.append(json.loads(capsys.readouterr().out.strip())["nfe"])
+    assert nfes == [11, 21, 41]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "digits"], "needs --out"),
+        (["train", "--data", "nope:x", "--out", "{tmp}/r"], "nope"),
+        (["train", "--preset", "nope", "--out", "{tmp}/r"], "unknown preset"),
+        (["train", "--data", "digits", "--T", "-1", "--out", "{tmp}/r"], "positive number"),
+        (["train", "--data", "digits", "--T", "1.5", "--out", "{tmp}/r"], "T <= sde.T_max"),
+        (["train", "--data", "digits", "--steps", "zero", "--out", "{tmp}/r"], "expected an integer"),
+        (["train", "--config", "{tmp}/bad_key.json", "--out", "{tmp}/r"], "unknown config key 'train.stpes'"),
+        (["train", "--config", "{tmp}/bad_type.json", "--out", "{tmp}/r"], "'train.lr' must be of type float"),
+        (["train", "--config", "{tmp}/bad_json.json", "--out", "{tmp}/r"], "not valid JSON"),
+        (["train", "--config", "{tmp}/missing.json", "--out", "{tmp}/r"], "does not exist"),
+        (["train", "--resume", "{tmp}"], "run config"),
+        (["sample", "{tmp}", "--out", "{tmp}/s.npz"], "not a difftime run directory"),
+        (["sample", "{run}", "--T", "2", "--out", "{tmp}/s.npz"], "T <= T_max"),
+        (["sample", "{run}", "--out", "{tmp}/s.txt"], "must end in .npz"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, trained_run, capsys, argv, message):
+    (tmp_path / "bad_key.json").write_text(json.dumps({"train": {"stpes": 3}}))
+    (tmp_path / "bad_type.json").write_text(json.dumps({"train": {"lr": "fast"}}))
+    (tmp_path / "bad_json.json").write_text("{not json")
+    before = _fingerprint(trained_run)
+    argv = [a.format(tmp=tmp_path, run=trained_run) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difftime: error:") and "\n" not in err and "Traceback" not in err
+    assert message in err, err
+    assert _fingerprint(trained_run) == before
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_an_existing_run_is_never_overwritten(trained_run, tiny_config, capsys):
+    before = _fingerprint(trained_run)
+    assert main(["train", "--data", "digits", "--config", str(tiny_config), "--out", str(trained_run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _fingerprint(trained_run) == before
+
+
+def test_a_corrupt_checkpoint_is_refused(tmp_path, trained_run, capsys):
+    run = tmp_path / "corrupt"
+    shutil.copytree(trained_run, run)
+    data = bytearray((run / "ema.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (run / "ema.safetensors").write_bytes(bytes(data))
+    assert main(["sample", str(run), "--out", str(tmp_path / "s.npz")]) == 2
+    assert "checksum" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz").exists()
+    assert main(["train", "--resume", str(run), "--steps", "8"]) == 2
+
+
+def test_console_script_and_debug_flag(tmp_path):
+    exe = [sys.executable, "-m", "difftime.cli"]
+    proc = subprocess.run([*exe, "sample", str(tmp_path), "--out", str(tmp_path / "s.npz")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    proc = subprocess.run([*exe, "--debug", "sample", str(tmp_path), "--out", str(tmp_path / "s.npz")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
