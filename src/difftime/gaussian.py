@@ -11,6 +11,12 @@ from torch import Tensor, nn
 from difftime.sde import SDE, broadcast_to
 
 
+def gaussian_log_density(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """log N(x; mean, diag(var)), summed over all but the first dimension."""
+    x = x.flatten(1)
+    return -0.5 * ((x - mean) ** 2 / var + torch.log(2 * torch.pi * var)).sum(1)
+
+
 def marginal_moments(sde: SDE, mu: Tensor, lam: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """p_t = N(m(t) mu, diag(m(t)^2 lam + v(t))); returns (mean, variance), each (B, d)."""
     m = sde.m(t)[:, None]
@@ -46,9 +52,7 @@ class GaussianMarginal:
         self.mean, self.var = mean[0], var[0]
 
     def log_prob(self, x: Tensor) -> Tensor:
-        x = x.flatten(1).to(self.mean.dtype)
-        out = -0.5 * ((x - self.mean) ** 2 / self.var + torch.log(2 * torch.pi * self.var)).sum(1)
-        return out
+        return gaussian_log_density(x.to(self.mean.dtype), self.mean, self.var)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         z = torch.randn(n, len(self.mean), generator=generator, dtype=self.mean.dtype)
