@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import torch
+from common import digits_run, write_result
 from scipy import integrate
 
-from common import digits_run, write_result
 from difftime.likelihood import ode_log_likelihood
 from difftime.sampling import probability_flow_drift
 

@@ -12,8 +12,8 @@ import statistics
 import time
 
 import torch
-
 from common import digits_run, write_result
+
 from difftime.sampling import SAMPLERS
 
 

@@ -140,3 +140,54 @@ def test_console_script_and_debug_flag(tmp_path):
     proc = subprocess.run([*exe, "--debug", "sample", str(tmp_path), "--out", str(tmp_path / "s.npz")],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_fit_prior_sample_and_evaluate(tmp_path, trained_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["fit-prior", str(run), "--T", "0.4", "--prior", "gaussian", "--no-progress"]) == 0
+    folder = run / "priors" / "gaussian-T0.4"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "prior.safetensors"}
+    capsys.readouterr()
+    assert main(["fit-prior", str(run), "--T", "0.4", "--prior", "gaussian"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+    assert main(["sample", str(run), "--T", "0.4", "--prior", "gaussian", "--sampler", "heun", "--steps", "3",
+                 "--n", "4", "--out", str(tmp_path / "s.npz")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["nfe"] == 7 and report["prior"] == "gaussian"
+
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(run), "--T", "0.4", "--prior", "gaussian", "--n", "4", "--n-t", "8",
+                 "--tol", "1e-3", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    e = result["elbo"]
+    parts = e["prior_bpd"] + e["score_bpd"] + e["constant_bpd"] + e["dequantization_bpd"]
+    assert parts == pytest.approx(e["bpd"], rel=1e-9)
+    assert e["dequantization_bpd"] == pytest.approx(np.log2(17) - 1)
+    assert np.isfinite(result["nll"]["bpd"]) and result["nll"]["nfe_mean"] > 0
+    assert result["prior_improvement"]["nats"] > 0  # matching the moments beats N(0, I) at T = 0.4
+    assert result["n"] == 4 and result["seed"] == 0 and "torch" in result["versions"]
+    assert result["run_config"]["train"]["steps"] == 6
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fit-prior", "{run}", "--T", "1.5", "--prior", "gaussian"], "T <= T_max"),
+        (["fit-prior", "{run}", "--T", "0.4", "--prior", "glw"], "invalid choice"),
+        (["fit-prior", "{run}", "--T", "0.4", "--prior", "standard"], "needs no fitting"),
+        (["sample", "{run}", "--T", "0.4", "--prior", "flow", "--out", "{tmp}/s.npz"], "fit-prior"),
+        (["sample", "{run}", "--sampler", "ddim", "--out", "{tmp}/s.npz"], "invalid choice"),
+        (["evaluate", "{run}", "--metrics", "elbo,bogus"], "unknown"),
+        (["evaluate", "{run}", "--out", "{tmp}/r.txt"], "must end in .json"),
+        (["evaluate", "{run}", "--T", "0"], "positive number"),
+    ],
+)
+def test_prior_commands_refuse_bad_input(tmp_path, trained_run, capsys, argv, message):
+    before = _fingerprint(trained_run)
+    assert main([a.format(tmp=tmp_path, run=trained_run) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difftime: error:") and "\n" not in err and message in err, err
+    assert _fingerprint(trained_run) == before
+    assert not (trained_run / "priors").exists()

@@ -123,38 +123,127 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _horizon(run, T: float | None) -> tuple[float, float]:
+    return run.sde.check_horizon(T if T is not None else run.config["config"]["train"]["T"])
+
+
+def cmd_fit_prior(args: argparse.Namespace) -> int:
+    from difftime.data import load_data
+    from difftime.io import load_run
+    from difftime.priors import fit_prior, make_prior, prior_dir, save_prior
+
+    run = load_run(args.run)
+    T, _ = run.sde.check_horizon(args.T)
+    if args.prior == "standard":
+        raise DifftimeError("the standard prior needs no fitting; use --prior gaussian, flow or glow")
+    directory = prior_dir(run.path, args.prior, T)
+    if (directory / "config.json").exists() and not args.overwrite:
+        raise DifftimeError(f"{directory} already holds a prior; pass --overwrite to refit it")
+    dataset = load_data(run.config["resolved"]["data"], seed=run.config["config"]["seed"])
+    options: dict[str, Any] = {}
+    if args.prior == "flow":
+        options = {k: v for k, v in {"flow": args.flow, "transforms": args.transforms,
+                                     "hidden": tuple(args.hidden) if args.hidden else None}.items() if v is not None}
+    elif args.prior == "glow":
+        options = {k: v for k, v in {"levels": args.levels, "steps_per_level": args.steps_per_level,
+                                     "hidden": args.hidden[0] if args.hidden else None}.items() if v is not None}
+    prior = make_prior(args.prior, run.sde, T, dataset, seed=args.seed, **options)
+    fit = fit_prior(prior, run.sde, T, dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    seed=args.seed, progress=not args.no_progress)
+    d = math.prod(run.shape)
+    extra = {"fit": fit, "data": dataset.name, "seed": args.seed, "options": options,
+             "test_nll_bits_per_dim_of_x_T": fit["test_nll"] / (d * math.log(2))}
+    save_prior(prior, directory, extra=json.loads(json.dumps(extra, default=str)))
+    print(json.dumps({"prior": str(directory), "family": args.prior, "T": T, "test_nll_nats": fit["test_nll"],
+                      "steps": fit["steps"], "seconds": round(fit.get("seconds", 0.0), 2)}))
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from difftime.evaluate import resolve_prior
     from difftime.io import atomic_write_bytes, load_run
     from difftime.plots import save_samples_figure
-    from difftime.sampling import euler_maruyama
+    from difftime.sampling import SAMPLERS
 
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise DifftimeError(f"--out must end in .npz, got {out}")
     run = load_run(args.run, weights=args.weights)
-    T, eps = run.sde.check_horizon(args.T if args.T is not None else run.config["config"]["train"]["T"])
+    T, eps = _horizon(run, args.T)
     if args.steps_per_unit_time is not None:
         steps = max(1, math.ceil(args.steps_per_unit_time * (T - eps)))
     else:
         steps = args.steps
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise DifftimeError(f"--out must end in .npz, got {out}")
+    prior = resolve_prior(run, args.prior, T)
     generator = torch.Generator().manual_seed(args.seed)
-    std = run.sde.prior_std(T)
-    x_T = std * torch.randn((args.n, *run.shape), generator=generator)
     start = time.perf_counter()
-    x0, nfe = euler_maruyama(run.model, run.sde, x_T, T, eps, steps, generator)
+    with torch.no_grad():
+        x_T = prior.sample(args.n, generator=generator).reshape(args.n, *run.shape).float()
+    options = {"snr": args.snr} if args.sampler == "pc" else {}
+    x0, nfe = SAMPLERS[args.sampler](run.model, run.sde, x_T, T, eps, steps, generator=generator, **options)
     wall = time.perf_counter() - start
     samples = run.scaler.decode(x0).numpy()
     buf = io.BytesIO()
-    np.savez(buf, samples=samples, T=T, eps=eps, nfe=nfe, seed=args.seed)
+    np.savez(buf, samples=samples, T=T, eps=eps, nfe=nfe, seed=args.seed, sampler=args.sampler, prior=args.prior)
     atomic_write_bytes(out, buf.getvalue())
     if args.grid:
-        save_samples_figure(samples, args.grid, title=f"T={T:g}, NFE={nfe}")
-    print(json.dumps({"out": str(out), "n": args.n, "T": T, "eps": eps, "sampler": "em",
-                      "steps": steps, "nfe": nfe, "wall_s": round(wall, 3)}))
+        save_samples_figure(samples, args.grid, title=f"T={T:g}, {args.prior} prior, {args.sampler}, NFE={nfe}")
+    print(json.dumps({"out": str(out), "n": args.n, "T": T, "eps": eps, "prior": args.prior,
+                      "sampler": args.sampler, "steps": steps, "nfe": nfe, "wall_s": round(wall, 3)}))
     return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from difftime.data import load_data
+    from difftime.evaluate import LIKELIHOOD_METRICS, likelihood_metrics, resolve_prior
+    from difftime.io import load_run, save_json
+    from difftime.train import versions
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    unknown = [m for m in metrics if m not in LIKELIHOOD_METRICS]
+    if unknown or not metrics:
+        raise DifftimeError(f"--metrics: unknown {unknown}; choose from {', '.join(LIKELIHOOD_METRICS)}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix != ".json":
+        raise DifftimeError(f"--out must end in .json, got {out}")
+    run = load_run(args.run, weights=args.weights)
+    T, eps = _horizon(run, args.T)
+    prior = resolve_prior(run, args.prior, T)
+    dataset = load_data(run.config["resolved"]["data"], seed=run.config["config"]["seed"])
+    split = dataset.test if args.split == "test" else dataset.train
+    raw = split[: args.n]
+    result = likelihood_metrics(run, prior, args.prior, raw, T, metrics, eps=eps,
+                                dequant_repeats=args.dequant_repeats, n_t=args.n_t, rtol=args.tol, atol=args.tol,
+                                divergence=args.divergence, seed=args.seed, progress=not args.no_progress)
+    result.update({"run": str(run.path), "split": args.split, "seed": args.seed, "weights": args.weights,
+                   "run_config": run.config["config"], "resolved": run.config["resolved"], "step": run.step,
+                   "versions": versions()})
+    print(_likelihood_table(result))
+    if out is not None:
+        save_json(out, result)
+        print(f"wrote {out}")
+    return 0
+
+
+def _likelihood_table(r: dict[str, Any]) -> str:
+    rows = [f"T={r['T']:g}  eps={r['eps']:g}  prior={r['prior']}  n={r['n']}  dequant repeats={r['dequant_repeats']}"]
+    if "elbo" in r:
+        e = r["elbo"]
+        rows.append(f"  ELBO bits/dim   {e['bpd']:8.4f} +- {e['bpd_se']:.4f}   = prior {e['prior_bpd']:.4f}"
+                    f" + score {e['score_bpd']:.4f} + constant {e['constant_bpd']:.4f}"
+                    f" + dequantization {e['dequantization_bpd']:.4f}")
+    if "nll" in r:
+        q = r["nll"]
+        rows.append(f"  PF-ODE bits/dim {q['bpd']:8.4f} +- {q['bpd_se']:.4f}   (mean NFE {q['nfe_mean']:.0f},"
+                    f" tol {q['rtol']:g})")
+    if "prior_improvement" in r:
+        p = r["prior_improvement"]
+        rows.append(f"  prior improvement E log nu - E log N = {p['nats']:.3f} +- {p['se']:.3f} nats"
+                    f" (a lower bound on KL(p_T || N))")
+    return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,9 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="draw samples by integrating the reverse SDE on [eps, T]")
+    p = sub.add_parser("fit-prior", help="fit an auxiliary prior to the forward marginal p_T of a run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--T", type=_positive_float, required=True, help="horizon in (eps, T_max]")
+    p.add_argument("--prior", choices=["gaussian", "flow", "glow", "standard"], required=True)
+    p.add_argument("--steps", type=_nonnegative_int, default=2000)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--flow", choices=["maf", "nsf", "realnvp"], help="flow family (flow prior)")
+    p.add_argument("--transforms", type=_positive_int, help="number of flow transforms")
+    p.add_argument("--hidden", type=_positive_int, nargs="+", help="hidden sizes (flow) or width (glow)")
+    p.add_argument("--levels", type=_positive_int, help="glow levels")
+    p.add_argument("--steps-per-level", type=_positive_int, help="glow steps per level")
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prior of this family and T")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_fit_prior)
+
+    p = sub.add_parser("sample", help="draw x_T from a prior and integrate the reverse SDE/ODE on [eps, T]")
     p.add_argument("run", help="run directory")
     p.add_argument("--T", type=_positive_float, help="horizon to start from (default: training T)")
+    p.add_argument("--prior", default="standard", help="standard, or a fitted family: gaussian, flow, glow")
+    p.add_argument("--sampler", choices=["em", "pc", "euler", "heun", "dopri5"], default="em")
+    p.add_argument("--snr", type=_positive_float, default=0.16, help="Langevin corrector snr (pc)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=_positive_int, default=200)
     steps.add_argument("--steps-per-unit-time", type=_positive_float,
@@ -197,6 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz (samples in data space)")
     p.add_argument("--grid", help="also write a PNG grid (images) or scatter plot (2-D data)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="ELBO terms and PF-ODE likelihood in bits/dim at a horizon T")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--T", type=_positive_float, help="horizon (default: training T)")
+    p.add_argument("--prior", default="standard", help="standard, or a fitted family: gaussian, flow, glow")
+    p.add_argument("--metrics", default="elbo,nll", help="comma list of: elbo, nll")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--n", type=_positive_int, default=256, help="number of examples")
+    p.add_argument("--dequant-repeats", type=_positive_int, default=1)
+    p.add_argument("--n-t", type=_positive_int, default=64, help="(t, z) draws per example for the ELBO")
+    p.add_argument("--tol", type=_positive_float, default=1e-5, help="rtol = atol of the PF-ODE solve")
+    p.add_argument("--divergence", choices=["auto", "exact", "hutchinson"], default="auto")
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--out", help="write the full result as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

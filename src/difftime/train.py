@@ -71,11 +71,17 @@ def dsm_loss(
     return weight * (eps_hat - z).pow(2).flatten(1).mean(1)
 
 
-def _versions() -> dict[str, str]:
-    import numpy
+def versions() -> dict[str, str]:
+    """Versions of difftime and the libraries whose numerics a result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"difftime": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": sys.version.split()[0]}
+    found = {"difftime": __version__, "python": sys.version.split()[0]}
+    for package in ("torch", "numpy", "torchdiffeq", "zuko", "safetensors", "scipy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 class Trainer:
@@ -205,7 +211,7 @@ class Trainer:
             "format_version": FORMAT_VERSION,
             "config": self.config,
             "resolved": self.resolved(),
-            "versions": _versions(),
+            "versions": versions(),
         })
 
     def save(self, run_dir: str | Path) -> None:

@@ -136,10 +136,10 @@ class GaussianPrior(Prior):
 
     # --- the affine map x = mean + L u -------------------------------------------------
     def log_det_scale(self) -> Tensor:
-        """log |det L| (a scalar)."""
+        """log |det L| (a float64 scalar)."""
         if self.diagonal:
-            return self.std.log().sum()
-        return self.scale_tril.diagonal().log().sum()
+            return self.std.double().log().sum()
+        return self.scale_tril.diagonal().double().log().sum()
 
     def whiten(self, x: Tensor) -> Tensor:
         """u = L^{-1} (x - mean) for flat x (B, d)."""
@@ -162,7 +162,7 @@ class GaussianPrior(Prior):
     # --- the prior interface -----------------------------------------------------------
     def log_prob(self, x: Tensor) -> Tensor:
         u = self.whiten(self._flat(x, self.mean.dtype))
-        return std_normal_log_prob(u) - self.log_det_scale()
+        return (std_normal_log_prob(u) - self.log_det_scale().double()).to(u.dtype)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -1,0 +1,91 @@
+"""Auxiliary priors nu_phi(x_T) for a short diffusion horizon T.
+
+Families: ``standard`` (the SDE's N(0, std^2 I)), ``gaussian`` (moment-matched to p_T, the
+KL-best Gaussian), ``flow`` (a zuko flow based at that Gaussian) and ``glow`` (a multi-scale
+Glow for images, based at the diagonal Gaussian). Build one with :func:`make_prior`, fit it
+with :func:`fit_prior`, store it with :func:`save_prior` / :func:`load_prior`.
+
+Measured on digits (VP, held-out x_T from the test split with fresh noise, nats per example,
+bits/dim of x_T = nats / (64 ln 2)):
+
+    T     standard   gaussian   flow (MAF 3x128)          glow (2 levels x 4 steps, 64)
+    0.2   83.02      65.65      64.61 (2000 steps)        65.06 (2000 steps)
+    0.4   88.31      85.44      85.43 (batch 4096, 1000)  85.54 (early-stopped)
+
+At T = 0.4 p_T is within ~0.05 nats of its moment-matched Gaussian, so the Gaussian is hard to
+beat there; at T = 0.2 the flow gains about 1 nat. Fitting these small models is much faster
+with ``torch.set_num_threads(1)`` on a busy 2-core machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from difftime.data import Dataset
+from difftime.errors import DifftimeError
+from difftime.priors.base import Prior
+from difftime.priors.fit import fit_prior, heldout_nll, heldout_set
+from difftime.priors.flow import FLOW_KINDS, FlowPrior
+from difftime.priors.gaussian import GaussianPrior
+from difftime.priors.glow import GlowPrior
+from difftime.priors.standard import StandardPrior
+from difftime.priors.store import load_prior, prior_dir, save_prior
+from difftime.sde import SDE
+
+__all__ = [
+    "FLOW_KINDS",
+    "PRIOR_FAMILIES",
+    "FlowPrior",
+    "GaussianPrior",
+    "GlowPrior",
+    "Prior",
+    "StandardPrior",
+    "fit_prior",
+    "heldout_nll",
+    "heldout_set",
+    "load_prior",
+    "make_prior",
+    "prior_dir",
+    "save_prior",
+    "training_data",
+]
+
+PRIOR_FAMILIES: dict[str, type[Prior]] = {
+    cls.family: cls for cls in (StandardPrior, GaussianPrior, FlowPrior, GlowPrior)
+}
+
+
+def training_data(dataset: Dataset, seed: int = 0) -> torch.Tensor:
+    """The whole training split in model space, dequantized with a generator seeded by ``seed``."""
+    return dataset.scaler.encode(dataset.train, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def make_prior(family: str, sde: SDE, T: float, dataset: Dataset, *, seed: int = 0, **options: Any) -> Prior:
+    """Build a prior of ``family`` at horizon T, moment-matched to p_T of ``dataset.train``.
+
+    ``seed`` fixes the dequantization of the moments and the network initialisation; the other
+    options go to the family: gaussian (diagonal, max_full_dim), flow (flow, transforms, hidden,
+    bins, diagonal, max_full_dim), glow (levels, steps_per_level, hidden, clamp).
+    """
+    if family not in PRIOR_FAMILIES:
+        raise DifftimeError(f"unknown prior family {family!r}; expected one of {', '.join(PRIOR_FAMILIES)}")
+    T, _ = sde.check_horizon(T)
+    if family == "glow" and not dataset.is_image:
+        raise DifftimeError(
+            f"the glow prior needs image data (C, H, W) but {dataset.name} has shape {dataset.shape}; "
+            "use the flow prior instead"
+        )
+    try:
+        if family == "standard":
+            if options:
+                raise TypeError(f"unexpected options {sorted(options)}")
+            return StandardPrior.for_sde(sde, T, dataset.shape)
+        x0 = training_data(dataset, seed)
+        if family == "gaussian":
+            return GaussianPrior.from_data(sde, T, x0, **options)
+        cls = FlowPrior if family == "flow" else GlowPrior
+        return cls.from_data(sde, T, x0, seed=seed, **options)
+    except TypeError as exc:
+        raise DifftimeError(f"bad options for the {family} prior: {exc}") from None

@@ -1,0 +1,100 @@
+"""Saving and loading priors: ``<dir>/config.json`` + ``<dir>/prior.safetensors``, never pickles.
+
+The weights are written first and config.json last, recording the weights' sha256, so a folder
+is complete exactly when the checksum matches; a torn or tampered write fails at load.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from difftime.config import read_json_file
+from difftime.errors import DifftimeError
+from difftime.io import load_state_dict_strict, load_tensors, save_json, save_tensors, sha256_file
+from difftime.priors.base import Prior
+
+PRIOR_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "prior.safetensors"
+
+
+def prior_dir(run_dir: str | Path, family: str, T: float) -> Path:
+    """run_dir / "priors" / "<family>-T<T:g>"."""
+    return Path(run_dir) / "priors" / f"{family}-T{float(T):g}"
+
+
+def save_prior(prior: Prior, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the prior's weights and config (plus JSON-ready ``extra``, e.g. fit results)."""
+    from difftime.priors import PRIOR_FAMILIES
+
+    if not isinstance(prior, Prior) or PRIOR_FAMILIES.get(prior.family) is not type(prior):
+        raise DifftimeError(f"save_prior: got {type(prior).__name__}; expected one of the library's priors")
+    directory = Path(directory)
+    sha = save_tensors(directory / WEIGHTS_FILE, prior.state_dict())
+    save_json(
+        directory / CONFIG_FILE,
+        {
+            "format_version": PRIOR_FORMAT_VERSION,
+            "family": prior.family,
+            "T": prior.T,
+            "shape": list(prior.shape),
+            "config": prior.config(),
+            "sha256": sha,
+            "extra": extra if extra is not None else {},
+        },
+    )
+    return directory
+
+
+def load_prior(directory: str | Path) -> Prior:
+    """Rebuild a prior saved by :func:`save_prior`, strictly: any mismatch is a DifftimeError."""
+    from difftime.priors import PRIOR_FAMILIES
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DifftimeError(f"prior folder {directory} does not exist; expected a folder written by save_prior")
+    cfg_path = directory / CONFIG_FILE
+    meta = read_json_file(cfg_path, "prior config")
+    missing = [k for k in ("format_version", "family", "T", "shape", "config", "sha256") if k not in meta]
+    if missing:
+        raise DifftimeError(f"prior config {cfg_path} lacks {', '.join(missing)}; it was not written by save_prior")
+    if meta["format_version"] != PRIOR_FORMAT_VERSION:
+        raise DifftimeError(
+            f"prior config {cfg_path} has format_version {meta['format_version']!r}; expected {PRIOR_FORMAT_VERSION}"
+        )
+    family = meta["family"]
+    if family not in PRIOR_FAMILIES:
+        raise DifftimeError(
+            f"prior config {cfg_path} names family {family!r}; expected one of {', '.join(PRIOR_FAMILIES)}"
+        )
+    config = meta["config"]
+    if not isinstance(config, dict):
+        raise DifftimeError(f"prior config {cfg_path}: 'config' must be an object")
+    try:
+        prior = PRIOR_FAMILIES[family](**config)
+    except DifftimeError as exc:
+        raise DifftimeError(f"prior config {cfg_path} is invalid: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise DifftimeError(f"prior config {cfg_path} has bad arguments for {family}: {exc}") from None
+    try:
+        T_ok = math.isclose(float(meta["T"]), prior.T, rel_tol=1e-12)
+        shape_ok = [int(s) for s in meta["shape"]] == list(prior.shape)
+    except (TypeError, ValueError):
+        T_ok = shape_ok = False
+    if not (T_ok and shape_ok):
+        raise DifftimeError(
+            f"prior config {cfg_path}: T={meta['T']!r}, shape={meta['shape']!r} disagree with its own config"
+        )
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DifftimeError(f"prior weights {weights} do not exist; the prior folder is incomplete")
+    if sha256_file(weights) != meta["sha256"]:
+        raise DifftimeError(
+            f"prior weights {weights} do not match the checksum in {CONFIG_FILE}: the file is corrupt or from "
+            "another prior"
+        )
+    load_state_dict_strict(prior, load_tensors(weights), weights)
+    prior.eval()
+    return prior
