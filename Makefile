@@ -42,12 +42,22 @@ demo: venv
 	else \
 	  $(VENV)/bin/difftime train --preset digits --out $(DEMO_DIR); \
 	fi
-	$(VENV)/bin/difftime sample $(DEMO_DIR) --T 1.0 --steps 200 --n 100 --seed 0 \
-	  --out $(DEMO_DIR)/samples.npz --grid $(DEMO_DIR)/samples.png
-	@echo "demo: run in $(DEMO_DIR); samples in $(DEMO_DIR)/samples.png"
+	$(VENV)/bin/difftime sample $(DEMO_DIR) --T 1.0 --steps-per-unit-time 200 --n 100 --seed 0 \
+	  --out $(DEMO_DIR)/samples-T1-standard.npz --grid $(DEMO_DIR)/samples-T1-standard.png
+	$(VENV)/bin/difftime fit-prior $(DEMO_DIR) --T 0.4 --prior gaussian --overwrite
+	$(VENV)/bin/difftime sample $(DEMO_DIR) --T 0.4 --prior gaussian --steps-per-unit-time 200 --n 100 --seed 0 \
+	  --out $(DEMO_DIR)/samples-T0.4-gaussian.npz --grid $(DEMO_DIR)/samples-T0.4-gaussian.png
+	$(VENV)/bin/difftime evaluate $(DEMO_DIR) --T 1.0 --prior standard --metrics fd,kid,pr --n 300 \
+	  --steps-per-unit-time 200 --out $(DEMO_DIR)/eval-T1-standard.json
+	$(VENV)/bin/difftime evaluate $(DEMO_DIR) --T 0.4 --prior gaussian --metrics fd,kid,pr --n 300 \
+	  --steps-per-unit-time 200 --out $(DEMO_DIR)/eval-T0.4-gaussian.json
+	@echo "demo: run in $(DEMO_DIR); samples in $(DEMO_DIR)/samples-*.png, metrics in $(DEMO_DIR)/eval-*.json"
 
 bench: venv
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/sampler_overhead.py
+	$(PY) benchmarks/likelihood.py
+	$(PY) benchmarks/metrics.py
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

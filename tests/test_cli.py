@@ -191,3 +191,15 @@ def test_prior_commands_refuse_bad_input(tmp_path, trained_run, capsys, argv, me
     assert err.startswith("difftime: error:") and "\n" not in err and message in err, err
     assert _fingerprint(trained_run) == before
     assert not (trained_run / "priors").exists()
+
+
+def test_evaluate_quality_metrics_records_what_they_were_computed_from(tmp_path, trained_run, capsys):
+    out = tmp_path / "q.json"
+    assert main(["evaluate", str(trained_run), "--T", "0.5", "--metrics", "fd,kid,pr", "--n", "20",
+                 "--steps", "5", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sampling"]["nfe"] == 6 and result["sampling"]["n"] == 20
+    quality = result["quality"]
+    assert quality["n_samples"] == 20 and quality["reference_split"] == "test"
+    assert quality["fd"]["value"] > 0 and 0 <= quality["pr"]["precision"] <= 1
+    assert "fd" in capsys.readouterr().out

@@ -196,28 +196,56 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+QUALITY_METRICS = ("fid", "fd", "kid", "pr", "mmd", "swd")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
     from difftime.data import load_data
     from difftime.evaluate import LIKELIHOOD_METRICS, likelihood_metrics, resolve_prior
     from difftime.io import load_run, save_json
+    from difftime.sampling import SAMPLERS
     from difftime.train import versions
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    unknown = [m for m in metrics if m not in LIKELIHOOD_METRICS]
+    unknown = [m for m in metrics if m not in LIKELIHOOD_METRICS + QUALITY_METRICS]
     if unknown or not metrics:
-        raise DifftimeError(f"--metrics: unknown {unknown}; choose from {', '.join(LIKELIHOOD_METRICS)}")
+        raise DifftimeError(f"--metrics: unknown {unknown}; choose from "
+                            f"{', '.join(LIKELIHOOD_METRICS + QUALITY_METRICS)}")
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix != ".json":
         raise DifftimeError(f"--out must end in .json, got {out}")
     run = load_run(args.run, weights=args.weights)
     T, eps = _horizon(run, args.T)
     prior = resolve_prior(run, args.prior, T)
-    dataset = load_data(run.config["resolved"]["data"], seed=run.config["config"]["seed"])
-    split = dataset.test if args.split == "test" else dataset.train
-    raw = split[: args.n]
-    result = likelihood_metrics(run, prior, args.prior, raw, T, metrics, eps=eps,
-                                dequant_repeats=args.dequant_repeats, n_t=args.n_t, rtol=args.tol, atol=args.tol,
-                                divergence=args.divergence, seed=args.seed, progress=not args.no_progress)
+    data_spec = run.config["resolved"]["data"]
+    result: dict[str, Any] = {"T": T, "eps": eps, "prior": args.prior, "n": args.n}
+    likelihood = tuple(m for m in metrics if m in LIKELIHOOD_METRICS)
+    if likelihood:
+        dataset = load_data(data_spec, seed=run.config["config"]["seed"])
+        raw = (dataset.test if args.split == "test" else dataset.train)[: args.n]
+        result.update(likelihood_metrics(
+            run, prior, args.prior, raw, T, likelihood, eps=eps, dequant_repeats=args.dequant_repeats,
+            n_t=args.n_t, rtol=args.tol, atol=args.tol, divergence=args.divergence, seed=args.seed,
+            progress=not args.no_progress))
+    quality = [m for m in metrics if m in QUALITY_METRICS]
+    if quality:
+        from difftime.metrics import quality_metrics
+
+        steps = (max(1, math.ceil(args.steps_per_unit_time * (T - eps))) if args.steps_per_unit_time
+                 else args.steps)
+        generator = torch.Generator().manual_seed(args.seed)
+        start = time.perf_counter()
+        with torch.no_grad():
+            x_T = prior.sample(args.n, generator=generator).reshape(args.n, *run.shape).float()
+        x0, nfe = SAMPLERS[args.sampler](run.model, run.sde, x_T, T, eps, steps, generator=generator)
+        sample_wall = time.perf_counter() - start
+        samples = run.scaler.decode(x0).numpy()
+        result["sampling"] = {"sampler": args.sampler, "steps": steps, "nfe": nfe, "wall_s": sample_wall,
+                              "n": args.n}
+        result["quality"] = quality_metrics(samples, data_spec, quality, reference_split=args.split,
+                                            seed=args.seed, progress=not args.no_progress)
     result.update({"run": str(run.path), "split": args.split, "seed": args.seed, "weights": args.weights,
                    "run_config": run.config["config"], "resolved": run.config["resolved"], "step": run.step,
                    "versions": versions()})
@@ -229,7 +257,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _likelihood_table(r: dict[str, Any]) -> str:
-    rows = [f"T={r['T']:g}  eps={r['eps']:g}  prior={r['prior']}  n={r['n']}  dequant repeats={r['dequant_repeats']}"]
+    rows = [f"T={r['T']:g}  eps={r['eps']:g}  prior={r['prior']}  n={r['n']}"
+            f"  dequant repeats={r.get('dequant_repeats', '-')}"]
     if "elbo" in r:
         e = r["elbo"]
         rows.append(f"  ELBO bits/dim   {e['bpd']:8.4f} +- {e['bpd_se']:.4f}   = prior {e['prior_bpd']:.4f}"
@@ -243,6 +272,15 @@ def _likelihood_table(r: dict[str, Any]) -> str:
         p = r["prior_improvement"]
         rows.append(f"  prior improvement E log nu - E log N = {p['nats']:.3f} +- {p['se']:.3f} nats"
                     f" (a lower bound on KL(p_T || N))")
+    if "quality" in r:
+        s = r["sampling"]
+        rows.append(f"  samples: n={s['n']}  sampler={s['sampler']}  NFE={s['nfe']}  wall {s['wall_s']:.1f} s")
+        for name, value in r["quality"].items():
+            if isinstance(value, dict) and name in QUALITY_METRICS:
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in value.items()
+                                  if isinstance(v, float) and k in ("value", "std", "se", "precision", "recall"))
+                rows.append(f"  {name:4s} {shown}  (reference: {r['quality'].get('reference_split')} split,"
+                            f" n={r['quality'].get('n_reference')})")
     return "\n".join(rows)
 
 
@@ -311,7 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--T", type=_positive_float, help="horizon (default: training T)")
     p.add_argument("--prior", default="standard", help="standard, or a fitted family: gaussian, flow, glow")
-    p.add_argument("--metrics", default="elbo,nll", help="comma list of: elbo, nll")
+    p.add_argument("--metrics", default="elbo,nll",
+                   help="comma list of: elbo, nll (likelihood); fid, fd, kid, pr (images); mmd, swd (2-D)")
+    p.add_argument("--sampler", choices=["em", "pc", "euler", "heun", "dopri5"], default="em",
+                   help="sampler for the quality metrics")
+    qsteps = p.add_mutually_exclusive_group()
+    qsteps.add_argument("--steps", type=_positive_int, default=200)
+    qsteps.add_argument("--steps-per-unit-time", type=_positive_float)
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--n", type=_positive_int, default=256, help="number of examples")
     p.add_argument("--dequant-repeats", type=_positive_int, default=1)
