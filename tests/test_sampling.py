@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from difftime.gaussian import ExactGaussianEps, GaussianMarginal
+from difftime.priors import GaussianPrior
 from difftime.sampling import SAMPLERS, time_grid
 from difftime.sde import VESDE, VPSDE
 
@@ -88,8 +89,16 @@ def test_standard_prior_at_short_T_biases_the_mean_and_the_matched_prior_removes
         def sample(self, n, generator=None):
             return torch.randn(n, 2, generator=generator, dtype=torch.float64)
 
+    # The library's moment-matched prior, fitted from data samples rather than given the answer.
+    data = MU + LAM.sqrt() * torch.randn(200_000, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    matched = GaussianPrior.from_data(sde, T, data)
+
+    class Float64:
+        def sample(self, n, generator=None):
+            return matched.sample(n, generator=generator).double()
+
     biased, _ = _run("em", sde, T, 300, prior=Standard())
-    exact, _ = _run("em", sde, T, 300)
+    exact, _ = _run("em", sde, T, 300, prior=Float64())
     m2 = sde.m(torch.tensor([T], dtype=torch.float64)) ** 2
     k = m2 * LAM + sde.v(torch.tensor([T], dtype=torch.float64))
     predicted = MU * (1 - m2 * LAM / k)
