@@ -86,24 +86,25 @@ def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[s
         raise DifftimeError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
-def load_state_dict_strict(module: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
-    """Load weights requiring the exact same keys and shapes, naming what differs."""
+def load_state_dict_strict(module: nn.Module, tensors: dict[str, Tensor], source: Path,
+                           described_by: str = "config.json") -> None:
+    """Load weights requiring the exact keys, shapes and dtypes and finite values, naming what differs."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise DifftimeError(
-            f"{source} does not match the network in config.json: "
+            f"{source} does not match the network in {described_by}: "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
     for key, value in expected.items():
-        if tensors[key].shape != value.shape:
-            raise DifftimeError(
-                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the network in "
-                f"config.json expects {tuple(value.shape)}"
-            )
         tensor = tensors[key]
+        if tensor.shape != value.shape or tensor.dtype != value.dtype:
+            raise DifftimeError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; the "
+                f"network in {described_by} expects shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise DifftimeError(f"{source}: tensor {key!r} holds NaN or Inf values")
     module.load_state_dict(tensors, strict=True)

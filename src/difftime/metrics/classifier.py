@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from difftime.errors import DifftimeError
-from difftime.io import load_tensors, sha256_file
+from difftime.io import load_state_dict_strict, load_tensors, sha256_file
 
 __all__ = [
     "CLASSIFIER_DATASETS",
@@ -166,24 +166,7 @@ class ClassifierFeatures(nn.Module):
 
 
 def _strict_load(net: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise DifftimeError(
-            f"{source} does not match the architecture in its JSON sidecar: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
-    for key, value in expected.items():
-        t = tensors[key]
-        if t.shape != value.shape or t.dtype != value.dtype:
-            raise DifftimeError(
-                f"{source}: tensor {key!r} is {t.dtype} {tuple(t.shape)}; the architecture expects "
-                f"{value.dtype} {tuple(value.shape)}"
-            )
-        if not torch.isfinite(t).all():
-            raise DifftimeError(f"{source}: tensor {key!r} holds NaN or Inf values")
-    net.load_state_dict(tensors, strict=True)
+    load_state_dict_strict(net, tensors, source, described_by="its JSON sidecar")
 
 
 _LOADED: dict[tuple[str, str], ClassifierFeatures] = {}
