@@ -82,7 +82,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from difftime.config import build_config, merge, validate
+    from difftime.config import DEFAULTS, build_config, merge, validate
     from difftime.data import load_data
     from difftime.io import read_json_file
     from difftime.train import Trainer
@@ -92,9 +92,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = read_json_file(run / "config.json", "run config")
         if not isinstance(saved.get("config"), dict):
             raise DifftimeError(f"{run / 'config.json'} has no 'config' object; is it a difftime run?")
-        if not (run / "state.json").is_file():
-            raise DifftimeError(f"{run} has no checkpoint (state.json) to resume from")
-        config = merge(saved["config"], {"train": {"steps": args.steps}} if args.steps else {})
+        if saved.get("resolved", {}).get("net", {}).get("kind") == "diffusers":
+            raise DifftimeError(f"{run} is an imported diffusers model; difftime samples and evaluates it but does "
+                                "not train it")
+        # Over the defaults, so a run saved before a config key existed still resumes.
+        config = merge(merge(DEFAULTS, saved["config"]), {"train": {"steps": args.steps}} if args.steps else {})
         validate(config)
         out = run
     else:
@@ -145,8 +147,10 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
         options = {k: v for k, v in {"levels": args.levels, "steps_per_level": args.steps_per_level,
                                      "hidden": args.hidden[0] if args.hidden else None}.items() if v is not None}
     prior = make_prior(args.prior, run.sde, T, dataset, seed=args.seed, **options)
+    # A killed fit-prior, rerun with the same arguments, resumes from this folder.
     fit = fit_prior(prior, run.sde, T, dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                    seed=args.seed, progress=not args.no_progress)
+                    seed=args.seed, progress=not args.no_progress,
+                    checkpoint=directory.with_name(f".{directory.name}.partial"))
     d = math.prod(run.shape)
     extra = {"fit": fit, "data": dataset.name, "seed": args.seed, "options": options,
              "test_nll_bits_per_dim_of_x_T": fit["test_nll"] / (d * math.log(2))}
@@ -158,31 +162,21 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
-    from difftime.evaluate import resolve_prior
+    from difftime.evaluate import draw_samples, resolve_prior
     from difftime.io import atomic_write_bytes, load_run
     from difftime.plots import save_samples_figure
-    from difftime.sampling import SAMPLERS
+    from difftime.sampling import steps_for_horizon
 
     out = Path(args.out)
     if out.suffix != ".npz":
         raise DifftimeError(f"--out must end in .npz, got {out}")
     run = load_run(args.run, weights=args.weights)
     T, eps = _horizon(run, args.T)
-    if args.steps_per_unit_time is not None:
-        steps = max(1, math.ceil(args.steps_per_unit_time * (T - eps)))
-    else:
-        steps = args.steps
+    steps = args.steps if args.steps_per_unit_time is None else steps_for_horizon(T, args.steps_per_unit_time)
     prior = resolve_prior(run, args.prior, T)
-    generator = torch.Generator().manual_seed(args.seed)
-    start = time.perf_counter()
-    with torch.no_grad():
-        x_T = prior.sample(args.n, generator=generator).reshape(args.n, *run.shape).float()
     options = {"snr": args.snr} if args.sampler == "pc" else {}
-    x0, nfe = SAMPLERS[args.sampler](run.model, run.sde, x_T, T, eps, steps, generator=generator, **options)
-    wall = time.perf_counter() - start
-    samples = run.scaler.decode(x0).numpy()
+    samples, nfe, wall = draw_samples(run, prior, T, args.sampler, steps, args.n, seed=args.seed, eps=eps, **options)
     buf = io.BytesIO()
     np.savez(buf, samples=samples, T=T, eps=eps, nfe=nfe, seed=args.seed, sampler=args.sampler, prior=args.prior)
     atomic_write_bytes(out, buf.getvalue())
@@ -197,12 +191,10 @@ QUALITY_METRICS = ("fid", "fd", "kid", "pr", "mmd", "swd")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from difftime.data import load_data
-    from difftime.evaluate import LIKELIHOOD_METRICS, likelihood_metrics, resolve_prior
+    from difftime.evaluate import LIKELIHOOD_METRICS, draw_samples, likelihood_metrics, resolve_prior
     from difftime.io import load_run, save_json
-    from difftime.sampling import SAMPLERS
+    from difftime.sampling import steps_for_horizon
     from difftime.train import versions
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
@@ -223,22 +215,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dataset = load_data(data_spec, seed=run.config["config"]["seed"])
         raw = (dataset.test if args.split == "test" else dataset.train)[: args.n]
         result.update(likelihood_metrics(
-            run, prior, args.prior, raw, T, likelihood, eps=eps, dequant_repeats=args.dequant_repeats,
+            run, {args.prior: prior}, raw, T, likelihood, eps=eps, dequant_repeats=args.dequant_repeats,
             n_t=args.n_t, rtol=args.tol, atol=args.tol, divergence=args.divergence, seed=args.seed,
-            progress=not args.no_progress))
+            progress=not args.no_progress)[args.prior])
     quality = [m for m in metrics if m in QUALITY_METRICS]
     if quality:
         from difftime.metrics import quality_metrics
 
-        steps = (max(1, math.ceil(args.steps_per_unit_time * (T - eps))) if args.steps_per_unit_time
-                 else args.steps)
-        generator = torch.Generator().manual_seed(args.seed)
-        start = time.perf_counter()
-        with torch.no_grad():
-            x_T = prior.sample(args.n, generator=generator).reshape(args.n, *run.shape).float()
-        x0, nfe = SAMPLERS[args.sampler](run.model, run.sde, x_T, T, eps, steps, generator=generator)
-        sample_wall = time.perf_counter() - start
-        samples = run.scaler.decode(x0).numpy()
+        steps = args.steps if args.steps_per_unit_time is None else steps_for_horizon(T, args.steps_per_unit_time)
+        samples, nfe, sample_wall = draw_samples(run, prior, T, args.sampler, steps, args.n, seed=args.seed, eps=eps)
         result["sampling"] = {"sampler": args.sampler, "steps": steps, "nfe": nfe, "wall_s": sample_wall,
                               "n": args.n}
         result["quality"] = quality_metrics(samples, data_spec, quality, reference_split=args.split,
@@ -250,6 +235,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out is not None:
         save_json(out, result)
         print(f"wrote {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from difftime.retrofit import import_diffusers
+
+    kind, _, directory = args.source.partition(":")
+    if kind != "diffusers" or not directory:
+        raise DifftimeError(f"import: source must be diffusers:DIR (a local diffusers folder), got {args.source!r}")
+    out = Path(args.out)
+    _check_new_output_dir(out)
+    print(json.dumps(import_diffusers(directory, args.data, out, seed=args.seed)))
+    return 0
+
+
+def _comma_list(kind):
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return [kind(item) for item in items]
+
+    return parse
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from difftime.study import Study, study_config
+
+    overrides: dict[str, Any] = {"study": {k: v for k, v in {
+        "T_grid": args.T_grid, "priors": args.priors, "samplers": args.samplers, "mode": args.mode,
+        "n_samples": args.n_samples, "n_likelihood": args.n_likelihood, "fixed_steps": args.fixed_steps,
+        "steps_per_unit_time": args.steps_per_unit_time, "prior_steps": args.prior_steps,
+        "fid": True if args.fid else None}.items() if v is not None}}
+    if args.steps is not None:
+        overrides["train"] = {"steps": args.steps}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.run is not None and args.steps is not None:
+        raise DifftimeError("--steps sets training steps, but --run uses a trained model; drop one of them")
+    config = study_config(args.preset, args.config, overrides, run=args.run)
+    start = time.perf_counter()
+    study = Study(args.out, config, run=args.run, device=args.device, progress=not args.no_progress)
+    summary = study.run()
+    print(json.dumps({"study": str(study.out), "report": str(study.out / "report.md"), "cells": summary["n_cells"],
+                      "wall_s": round(time.perf_counter() - start, 1)}))
     return 0
 
 
@@ -334,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=_positive_int, default=200)
     steps.add_argument("--steps-per-unit-time", type=_positive_float,
-                       help="steps = ceil(K (T - eps)): NFE proportional to T")
+                       help="steps = round(K T): NFE proportional to T")
     p.add_argument("--n", type=_positive_int, default=64)
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
@@ -364,6 +394,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the full result as JSON here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("study", help="measure the T trade-off over a grid of T x prior x sampler, with a report")
+    p.add_argument("--preset", help="preset (training + study settings): digits, toy, gaussian, mnist, ...")
+    p.add_argument("--config", help="JSON config file merged over the preset")
+    p.add_argument("--out", required=True, help="study directory; rerunning with it resumes")
+    p.add_argument("--run", help="use this trained run (truncate mode) instead of training one")
+    p.add_argument("--T-grid", type=_comma_list(_positive_float), help="comma list of T, e.g. 0.2,0.4,1.0")
+    p.add_argument("--priors", type=_comma_list(str), help="comma list of: standard, gaussian, flow, glow")
+    p.add_argument("--samplers", type=_comma_list(str), help="comma list of: ode (= heun), em, euler, heun, pc, "
+                   "dopri5")
+    p.add_argument("--mode", choices=["truncate", "per-T"],
+                   help="truncate: one model on [eps, 1] serves every T; per-T: one model trained per T")
+    p.add_argument("--steps", type=_positive_int, help="training steps per model")
+    p.add_argument("--n-samples", type=_positive_int, help="samples per quality measurement")
+    p.add_argument("--n-likelihood", type=_positive_int, help="test examples for the likelihoods")
+    p.add_argument("--steps-per-unit-time", type=_positive_float, help="budget proportional to T: round(K T) steps")
+    p.add_argument("--fixed-steps", type=_positive_int, help="the one step budget shared by every T")
+    p.add_argument("--prior-steps", type=_positive_int, help="optimizer steps to fit each auxiliary prior")
+    p.add_argument("--fid", action="store_true", help="also compute Inception FID (slow on CPU)")
+    p.add_argument("--seed", type=_nonnegative_int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("import", help="wrap a pretrained DDPM (diffusers:DIR) as a run directory, for every command")
+    p.add_argument("source", help="diffusers:DIR, a local UNet2DModel + linear-beta DDPM scheduler (no hub access)")
+    p.add_argument("--data", required=True, help="the data the model was trained on, e.g. cifar10:DIR (for fit-prior"
+                   " and the metrics); its shape must match the UNet's")
+    p.add_argument("--out", required=True, help="new run directory")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed for generated data sources")
+    p.set_defaults(func=cmd_import)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,30 @@ DEFAULTS: dict[str, Any] = {
         "channels_last": False,
         "log_every": 25,
         "ckpt_every": 500,
+        "keep_checkpoints": 3,   # checkpoints/step-N/ folders kept besides the top-level copy
+        "skip_nonfinite": 0,     # steps with a NaN/Inf loss or gradient to skip before stopping
+    },
+    # `difftime study`: the grid over T x prior x sampler and what each cell measures.
+    "study": {
+        "mode": "truncate",      # "truncate": one model on [eps, train.T]; "per-T": one model per T
+        "T_grid": [0.2, 0.4, 0.6, 0.8, 1.0],
+        "priors": ["standard", "gaussian", "flow"],
+        "samplers": ["heun", "em"],
+        "steps_per_unit_time": 100,  # the budget proportional to T: round(steps_per_unit_time * T) steps
+        "fixed_steps": 20,           # one budget shared by every T
+        "n_samples": 500,
+        "n_likelihood": 200,
+        "n_t": 32,
+        "n_prior": 4,
+        "dequant_repeats": 1,
+        "tol": 1e-4,
+        "divergence": "auto",
+        "metrics": ["auto"],         # auto: fd, kid, pr for images; mmd, swd for vectors
+        "fid": False,
+        "prior_steps": 1000,
+        "prior_batch_size": 256,
+        "prior_lr": 1e-3,
+        "grid_images": 36,
     },
 }
 
@@ -50,19 +75,33 @@ _NET_KEYS = {
 _SDE_KEYS = {"vp": ("b0", "b1"), "subvp": ("b0", "b1"), "ve": ("sigma_min", "sigma_max")}
 
 
+def _list_item_ok(default: list[Any], item: Any) -> bool:
+    """List items take the type of the default's items; an int is accepted where floats are."""
+    if any(isinstance(v, str) for v in default):
+        return isinstance(item, str)
+    if isinstance(item, bool):
+        return False
+    if any(isinstance(v, float) for v in default):
+        return isinstance(item, (int, float))
+    return isinstance(item, int)
+
+
 def _check_type(path: str, default: Any, value: Any) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, list):
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ok = isinstance(value, list) and all(_list_item_ok(default, v) for v in value)
+        value = [float(v) for v in value] if ok and any(isinstance(v, float) for v in default) else value
     else:
         ok = isinstance(value, type(default))
     if not ok:
+        if isinstance(default, float) and isinstance(value, float):
+            raise DifftimeError(f"config key {path!r} must be a finite number, got {value!r}")
         raise DifftimeError(
             f"config key {path!r} must be of type {type(default).__name__}, got {value!r}"
         )
@@ -88,7 +127,10 @@ def merge(base: dict[str, Any], override: dict[str, Any], prefix: str = "") -> d
 
 
 def read_json_file(path: str | Path, what: str) -> dict[str, Any]:
+    from difftime.io import refuse_pickle  # io imports this module
+
     path = Path(path)
+    refuse_pickle(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -145,13 +187,13 @@ def validate(config: dict[str, Any]) -> None:
             f"need 0 < sde.eps < train.T <= sde.T_max; got eps={sde['eps']}, T={tr['T']}, "
             f"T_max={sde['T_max']}"
         )
-    for key in ("steps", "batch_size", "log_every", "ckpt_every"):
+    for key in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         if tr[key] < 1:
             raise DifftimeError(f"train.{key} must be >= 1, got {tr[key]}")
     for key in ("lr",):
         if not tr[key] > 0:
             raise DifftimeError(f"train.{key} must be > 0, got {tr[key]}")
-    for key in ("warmup", "weight_decay", "grad_clip"):
+    for key in ("warmup", "weight_decay", "grad_clip", "skip_nonfinite"):
         if tr[key] < 0:
             raise DifftimeError(f"train.{key} must be >= 0, got {tr[key]}")
     if not 0 <= tr["ema_decay"] < 1:
@@ -160,8 +202,36 @@ def validate(config: dict[str, Any]) -> None:
         raise DifftimeError(
             f"train.weighting must be 'standard' or 'likelihood', got {tr['weighting']!r}"
         )
-    if config["seed"] < 0:
-        raise DifftimeError(f"seed must be >= 0, got {config['seed']}")
+    if not 0 <= config["seed"] < 2**63:  # the trainer seeds torch generators with seed + 2
+        raise DifftimeError(f"seed must be in [0, 2**63), got {config['seed']}")
+    _validate_net(config["net"])
+    from difftime.sde import sde_from_config
+
+    sde_from_config(sde_config(config))
+
+
+def _validate_net(net: dict[str, Any]) -> None:
+    """Limits the network constructors would otherwise hit deep inside torch."""
+    for key in ("hidden", "depth", "time_dim", "ch", "num_res_blocks", "groups", "heads"):
+        if net[key] < 1:
+            raise DifftimeError(f"net.{key} must be >= 1, got {net[key]}")
+    for key in ("time_dim", "ch"):  # each feeds sin/cos time features, half and half
+        if net[key] % 2:
+            raise DifftimeError(f"net.{key} must be even, got {net[key]}")
+    if not 0 <= net["dropout"] < 1:
+        raise DifftimeError(f"net.dropout must be in [0, 1), got {net['dropout']}")
+    mult = net["ch_mult"]
+    if not mult or min(mult) < 1:
+        raise DifftimeError(f"net.ch_mult must be a non-empty list of integers >= 1, got {mult}")
+    if any(not 0 <= level < len(mult) for level in net["attn_levels"]):
+        raise DifftimeError(
+            f"net.attn_levels must hold level indices in 0..{len(mult) - 1} (one per ch_mult entry), "
+            f"got {net['attn_levels']}"
+        )
+    widths = [net["ch"] * m for level, m in enumerate(mult) if level in net["attn_levels"]]
+    widths += [net["ch"] * mult[-1]] if net["mid_attention"] else []
+    if any(w % net["heads"] for w in widths):
+        raise DifftimeError(f"net.heads={net['heads']} must divide the width of every attention layer, {widths}")
 
 
 def sde_config(config: dict[str, Any]) -> dict[str, Any]:

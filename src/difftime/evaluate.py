@@ -7,15 +7,18 @@ was computed from (T, eps, prior, N, split, seeds, tolerances), so numbers can b
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from difftime.errors import DifftimeError
 from difftime.io import Run
-from difftime.likelihood import bits_per_dim, elbo, ode_log_likelihood
+from difftime.likelihood import bits_per_dim, elbo, ode_flow
 
 LIKELIHOOD_METRICS = ("elbo", "nll")
 
@@ -41,6 +44,42 @@ def resolve_prior(run: Run, family: str, T: float):
     return prior
 
 
+def draw_samples(
+    run: Run,
+    prior,
+    T: float,
+    sampler: str,
+    steps: int,
+    n: int,
+    *,
+    seed: int = 0,
+    eps: float | None = None,
+    batch: int = 1000,
+    **options: Any,
+) -> tuple[np.ndarray, int, float]:
+    """n data-space samples: x_T ~ prior, the reverse ``sampler`` on [eps, T], then unscaled.
+
+    Returns (samples, NFE per sample, wall seconds). One generator drives the prior draw and
+    every sampler batch, so a seed fixes the samples whatever the batch size.
+    """
+    from difftime.sampling import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise DifftimeError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    T, eps = run.sde.check_horizon(T, eps)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        x_T = prior.sample(n, generator=generator).reshape(n, *run.shape).float()
+    chunks, nfe = [], 0
+    for first in range(0, n, batch):
+        x0, nfe = SAMPLERS[sampler](run.model, run.sde, x_T[first:first + batch], T, eps, steps,
+                                    generator=generator, **options)
+        chunks.append(x0)
+    wall = time.perf_counter() - start
+    return run.scaler.decode(torch.cat(chunks)).numpy(), nfe, wall
+
+
 def _summary(values: Tensor) -> tuple[float, float]:
     """Mean and standard error over the first axis."""
     values = values.double()
@@ -48,27 +87,9 @@ def _summary(values: Tensor) -> tuple[float, float]:
     return values.mean().item(), se
 
 
-@torch.no_grad()
-def prior_improvement(run: Run, prior, x0: Tensor, T: float, n_draws: int = 8,
-                      generator: torch.Generator | None = None) -> Tensor:
-    """Per-example E log nu(x_T) - E log N(x_T), with both priors on the same draws of x_T.
-
-    Its mean equals KL(p_T || N) - KL(p_T || nu), so it is a measured lower bound on KL(p_T || N).
-    """
-    from difftime.priors import StandardPrior
-
-    standard = StandardPrior.for_sde(run.sde, T, run.shape)
-    reps = x0.repeat_interleave(n_draws, dim=0)
-    t = torch.full((len(reps),), T, dtype=reps.dtype)
-    x_T, _ = run.sde.marginal_sample(reps, t, generator)
-    diff = prior.log_prob(x_T).double() - standard.log_prob(x_T).double()
-    return diff.reshape(len(x0), n_draws).mean(1)
-
-
 def likelihood_metrics(
     run: Run,
-    prior,
-    prior_name: str,
+    priors: Mapping[str, Any],
     raw: Tensor,
     T: float,
     metrics: tuple[str, ...] = LIKELIHOOD_METRICS,
@@ -83,38 +104,71 @@ def likelihood_metrics(
     batch: int = 64,
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, Any]:
-    """ELBO terms and PF-ODE NLL of ``raw`` examples (data space) in bits/dim, with errors."""
+) -> dict[str, dict[str, Any]]:
+    """ELBO terms and PF-ODE NLL of ``raw`` examples (data space) in bits/dim, per prior.
+
+    Every prior sees the same dequantization, the same (t, z) and x_T draws and the same
+    PF-ODE solve (which does not involve the prior), so differences between priors carry no
+    Monte Carlo noise of their own, one solve serves them all, and a prior's figures do not
+    depend on which other priors are evaluated with it. The improvement of a prior nu over the
+    standard one, E log nu(x_T) - E log N(x_T) on shared draws, equals KL(p_T||N) - KL(p_T||nu):
+    a measured lower bound on KL(p_T||N).
+    """
+    from difftime.priors import StandardPrior
+    from difftime.priors.fit import stream_seed
+
     unknown = set(metrics) - set(LIKELIHOOD_METRICS)
     if unknown:
         raise DifftimeError(f"unknown likelihood metrics {sorted(unknown)}; expected {LIKELIHOOD_METRICS}")
+    if not priors:
+        raise DifftimeError("likelihood_metrics needs at least one prior")
     T, eps = run.sde.check_horizon(T, eps)
     scaler = run.scaler
     d = math.prod(run.shape)
     levels, a = scaler.levels, scaler.a
     repeats = dequant_repeats if levels is not None else 1
-    gen = torch.Generator().manual_seed(seed)
+    dequant_gen, elbo_gen, ode_gen = (torch.Generator().manual_seed(stream_seed(seed, k)) for k in range(3))
+    standard = StandardPrior.for_sde(run.sde, T, run.shape)
     n = len(raw)
-    per_metric: dict[str, list[Tensor]] = {k: [] for k in ("elbo", "prior", "score", "constant", "nll",
-                                                          "nfe", "improvement")}
+    keys = ("elbo", "prior", "score", "constant", "nll", "improvement")
+    per_metric: dict[str, dict[str, list[Tensor]]] = {name: {k: [] for k in keys} for name in priors}
+    nfes: list[float] = []
     chunks = [(r, s) for r in range(repeats) for s in range(0, n, batch)]
-    bar = tqdm(chunks, desc=f"evaluate T={T:g} {prior_name}", disable=not progress, unit="batch")
+    bar = tqdm(chunks, desc=f"evaluate T={T:g} {', '.join(priors)}", disable=not progress, unit="batch")
     for _, start in bar:
-        x = scaler.encode(raw[start:start + batch], generator=gen)
+        x = scaler.encode(raw[start:start + batch], generator=dequant_gen)
         if "elbo" in metrics:
-            terms = elbo(run.model, run.sde, x, T, prior, eps=eps, n_t=n_t, n_prior=n_prior, generator=gen)
-            per_metric["elbo"].append(terms.total)
-            per_metric["prior"].append(terms.prior)
-            per_metric["score"].append(terms.score)
-            per_metric["constant"].append(terms.constant)
-            if prior_name != "standard":
-                per_metric["improvement"].append(prior_improvement(run, prior, x, T, n_prior, gen))
+            draws = elbo_gen.get_state()
+            baseline = None
+            for name, prior in {**priors, "standard": priors.get("standard", standard)}.items():
+                elbo_gen.set_state(draws)  # the same (t, z) and x_T draws for every prior
+                with torch.no_grad():
+                    terms = elbo(run.model, run.sde, x, T, prior, eps=eps, n_t=n_t, n_prior=n_prior,
+                                 generator=elbo_gen)
+                if name == "standard":
+                    baseline = terms
+                if name in priors:
+                    for key, value in (("elbo", terms.total), ("prior", terms.prior), ("score", terms.score),
+                                       ("constant", terms.constant)):
+                        per_metric[name][key].append(value)
+            for name in priors:
+                if name != "standard":
+                    per_metric[name]["improvement"].append(per_metric[name]["prior"][-1] - baseline.prior)
         if "nll" in metrics:
-            logp, nfe, _ = ode_log_likelihood(run.model, run.sde, x, T, prior, eps=eps, rtol=rtol, atol=atol,
-                                              divergence=divergence, generator=gen)
-            per_metric["nll"].append(logp.double())
-            per_metric["nfe"].append(torch.full((len(x),), float(nfe)))
+            x_T, integral, nfe = ode_flow(run.model, run.sde, x, T, eps, rtol=rtol, atol=atol, divergence=divergence,
+                                          generator=ode_gen)
+            nfes.append(float(nfe))
+            with torch.no_grad():
+                for name, prior in priors.items():
+                    per_metric[name]["nll"].append(prior.log_prob(x_T).double() + integral.double())
+    return {name: _likelihood_summary(per_metric[name], nfes, name, metrics, T, eps, n, repeats, d, levels, a,
+                                      n_t=n_t, n_prior=n_prior, rtol=rtol, atol=atol, divergence=divergence)
+            for name in priors}
 
+
+def _likelihood_summary(per_metric: dict[str, list[Tensor]], nfes: list[float], prior_name: str,
+                        metrics: tuple[str, ...], T: float, eps: float, n: int, repeats: int, d: int,
+                        levels: int | None, a: float, **settings: Any) -> dict[str, Any]:
     def per_example(key: str) -> Tensor:
         """Average the dequantization repeats of each example: one value per example."""
         return torch.cat(per_metric[key]).reshape(repeats, n).mean(0)
@@ -138,7 +192,7 @@ def likelihood_metrics(
             "prior_nats": _summary(per_example("prior"))[0],
             "score_nats": _summary(per_example("score"))[0],
             "constant_nats": _summary(per_example("constant"))[0],
-            "n_t": n_t, "n_prior": n_prior,
+            "n_t": settings["n_t"], "n_prior": settings["n_prior"],
         }
         if per_metric["improvement"]:
             mean, se = _summary(per_example("improvement"))
@@ -148,6 +202,6 @@ def likelihood_metrics(
         logp = per_example("nll")
         bpd, bpd_se = _summary(to_bits(logp))
         result["nll"] = {"bpd": bpd, "bpd_se": bpd_se, "nats": -_summary(logp)[0],
-                         "nfe_mean": torch.cat(per_metric["nfe"]).mean().item(),
-                         "rtol": rtol, "atol": atol, "divergence": divergence}
+                         "nfe_mean": sum(nfes) / len(nfes), "rtol": settings["rtol"], "atol": settings["atol"],
+                         "divergence": settings["divergence"]}
     return result

@@ -118,24 +118,24 @@ def _divergence_exact(f: Tensor, x: Tensor) -> Tensor:
     return div
 
 
-def ode_log_likelihood(
+def ode_flow(
     model: nn.Module,
     sde: SDE,
     x: Tensor,
     T: float,
-    prior,
     eps: float | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     divergence: str = "auto",
     noise: str = "rademacher",
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, int, Tensor]:
-    """log p_eps(x) = log nu(x_T) + int_eps^T div F(x_t, t) dt, solving the PF-ODE up from eps.
+) -> tuple[Tensor, Tensor, int]:
+    """Solve the PF-ODE from x = x_eps up to T: returns (x_T, int_eps^T div F(x_t, t) dt, NFE).
 
-    ``divergence`` is "exact" (d autograd passes per evaluation), "hutchinson" (one pass with a
-    probe vector that stays fixed for the whole solve, so the integral is one unbiased
-    estimate), or "auto" (exact up to d = 16). Returns (log p (B,), NFE, x_T).
+    The solve does not involve the prior, so one solve serves every prior at T: log p_eps(x) =
+    log nu(x_T) + the integral. ``divergence`` is "exact" (d autograd passes per evaluation),
+    "hutchinson" (one pass with a probe vector that stays fixed for the whole solve, so the
+    integral is one unbiased estimate), or "auto" (exact up to d = 16).
     """
     from torchdiffeq import odeint
 
@@ -174,5 +174,26 @@ def ode_log_likelihood(
     # step_t stops the solver from stepping past T (outside the trained horizon) and interpolating.
     xs, divs = odeint(rhs, (x, zero), times, rtol=rtol, atol=atol, method="dopri5",
                       options={"step_t": times[1:]})
-    x_T, integral = xs[-1], divs[-1]
+    return xs[-1], divs[-1], nfe
+
+
+def ode_log_likelihood(
+    model: nn.Module,
+    sde: SDE,
+    x: Tensor,
+    T: float,
+    prior,
+    eps: float | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    divergence: str = "auto",
+    noise: str = "rademacher",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, int, Tensor]:
+    """log p_eps(x) = log nu(x_T) + int_eps^T div F(x_t, t) dt; returns (log p (B,), NFE, x_T).
+
+    See ``ode_flow`` for the solve and the divergence estimators.
+    """
+    x_T, integral, nfe = ode_flow(model, sde, x, T, eps, rtol=rtol, atol=atol, divergence=divergence, noise=noise,
+                                  generator=generator)
     return prior.log_prob(x_T).to(integral.dtype) + integral, nfe, x_T

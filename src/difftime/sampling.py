@@ -22,6 +22,13 @@ def time_grid(T: float, eps: float, steps: int, dtype: torch.dtype = torch.float
     return torch.linspace(T, eps, steps + 1, dtype=torch.float64).to(dtype)
 
 
+def steps_for_horizon(T: float, steps_per_unit_time: float) -> int:
+    """The paper's cost model: a step count proportional to T, so the NFE scales with T."""
+    if not steps_per_unit_time > 0:
+        raise DifftimeError(f"steps per unit time must be > 0, got {steps_per_unit_time}")
+    return max(1, round(steps_per_unit_time * T))
+
+
 def denoise(model: nn.Module, sde: SDE, x: Tensor, eps: float) -> Tensor:
     """Tweedie's step at t = eps: x0 = (x - sigma(eps) eps_hat) / m(eps)."""
     t = torch.full((len(x),), eps, dtype=x.dtype, device=x.device)

@@ -1,0 +1,339 @@
+"""`difftime study`: how much diffusion time is enough? A grid of T x prior, measured cell by cell.
+
+A study directory holds:
+  study.json                the config (training + ``study`` section) and the run it uses; written first
+  runs/main/ or runs/T<T>/  the trained run(s): one for ``truncate``, one per T for ``per-T``
+  cells/T<T>-<prior>.json   one finished cell each, written atomically; a rerun skips them
+  samples/T<T>-<prior>.npz  the samples behind each cell's grid
+  results.json, results.csv, report.md and the PNG plots (see ``difftime.report``)
+
+Each cell measures, at horizon T with one prior: the ELBO terms and the PF-ODE bits/dim on the
+test split, the prior-improvement bound on KL(p_T || N), and, for every sampler, sample quality
+at a step count proportional to T and at one fixed step count. The cell at the largest T with
+the standard prior also sweeps the proportional step counts of the smaller T values, so short
+horizons can be compared with the usual T at equal NFE.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from difftime.errors import DifftimeError
+
+SAMPLER_ALIASES = {"ode": "heun", "sde": "em"}
+MODES = ("truncate", "per-T")
+# Study settings that may change between reruns of one study directory: they only add or drop cells.
+GRID_KEYS = ("T_grid", "priors")
+
+
+def study_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``study`` section, with sampler aliases resolved and T values sorted."""
+    from difftime.metrics import METRICS
+    from difftime.priors import PRIOR_FAMILIES
+    from difftime.sampling import SAMPLERS
+
+    s = copy.deepcopy(config["study"])
+    sde, T_train = config["sde"], config["train"]["T"]
+    if s["mode"] not in MODES:
+        raise DifftimeError(f"study.mode must be one of {', '.join(MODES)}, got {s['mode']!r}")
+    if not s["T_grid"]:
+        raise DifftimeError("study.T_grid is empty; give at least one T, e.g. --T-grid 0.4,1.0")
+    s["T_grid"] = sorted(set(s["T_grid"]))
+    top = T_train if s["mode"] == "truncate" else sde["T_max"]
+    for T in s["T_grid"]:
+        if not sde["eps"] < T <= top:
+            where = "train.T (the truncated model's horizon)" if s["mode"] == "truncate" else "sde.T_max"
+            raise DifftimeError(f"study.T_grid value {T:g} is outside (eps={sde['eps']:g}, {top:g}]; "
+                                f"the largest T is {where}")
+    bad = [p for p in s["priors"] if p not in PRIOR_FAMILIES]
+    if bad or not s["priors"]:
+        raise DifftimeError(f"study.priors: unknown {bad}; choose from {', '.join(PRIOR_FAMILIES)}")
+    s["priors"] = list(dict.fromkeys(s["priors"]))
+    samplers = [SAMPLER_ALIASES.get(name, name) for name in s["samplers"]]
+    bad = [name for name in samplers if name not in SAMPLERS]
+    if bad or not samplers:
+        raise DifftimeError(f"study.samplers: unknown {bad}; choose from "
+                            f"{', '.join([*SAMPLERS, *SAMPLER_ALIASES])}")
+    s["samplers"] = list(dict.fromkeys(samplers))
+    for key in ("steps_per_unit_time", "fixed_steps", "n_samples", "n_likelihood", "n_t", "n_prior",
+                "dequant_repeats", "prior_steps", "prior_batch_size", "grid_images"):
+        if s[key] < 1:
+            raise DifftimeError(f"study.{key} must be >= 1, got {s[key]}")
+    if s["n_samples"] < 4 or s["n_likelihood"] < 2:
+        raise DifftimeError("study.n_samples must be >= 4 and study.n_likelihood >= 2 for standard errors")
+    if not (s["tol"] > 0 and s["prior_lr"] > 0):
+        raise DifftimeError("study.tol and study.prior_lr must be > 0")
+    if s["divergence"] not in ("auto", "exact", "hutchinson"):
+        raise DifftimeError(f"study.divergence must be auto, exact or hutchinson, got {s['divergence']!r}")
+    bad = [m for m in s["metrics"] if m != "auto" and m not in METRICS]
+    if bad:
+        raise DifftimeError(f"study.metrics: unknown {bad}; choose from auto, {', '.join(METRICS)}")
+    return s
+
+
+def quality_metric_names(settings: dict[str, Any], is_image: bool) -> tuple[str, ...]:
+    from difftime.metrics import IMAGE_METRICS, VECTOR_METRICS
+
+    chosen = [m for m in settings["metrics"] if m != "auto"]
+    if not chosen:
+        chosen = ["fd", "kid", "pr"] if is_image else ["mmd", "swd"]
+    if settings["fid"] and is_image and "fid" not in chosen:
+        chosen.append("fid")
+    allowed = IMAGE_METRICS if is_image else VECTOR_METRICS
+    bad = [m for m in chosen if m not in allowed]
+    if bad:
+        kind = "image" if is_image else "vector"
+        raise DifftimeError(f"study.metrics {bad} do not apply to {kind} data; use {', '.join(allowed)}")
+    return tuple(chosen)
+
+
+def cell_name(T: float, prior: str) -> str:
+    return f"T{T:g}-{prior}"
+
+
+class Study:
+    """One study directory: plan, train, measure every cell, then write the report."""
+
+    def __init__(self, out: str | Path, config: dict[str, Any], *, run: str | Path | None = None,
+                 device: str = "cpu", progress: bool = True) -> None:
+        self.out = Path(out)
+        self.config = config
+        self.settings = study_settings(config)
+        self.pretrained = str(Path(run).resolve()) if run is not None else None
+        if self.pretrained is not None and self.settings["mode"] != "truncate":
+            raise DifftimeError("--run uses one pretrained model, which is study mode 'truncate'; drop --mode per-T")
+        self.device = device
+        self.progress = progress
+
+    # --- the study directory ---------------------------------------------------------------
+    def _claim_directory(self) -> None:
+        """Create the directory, or check that a rerun asks for the same study."""
+        from difftime.config import read_json_file
+        from difftime.io import save_json
+        from difftime.train import versions
+
+        record = self.out / "study.json"
+        if record.is_file():
+            saved = read_json_file(record, "study record")
+            old, new = copy.deepcopy(saved.get("config")), copy.deepcopy(self.config)
+            if not isinstance(old, dict) or "study" not in old:
+                raise DifftimeError(f"{record} is not a difftime study record; choose a new --out")
+            for key in GRID_KEYS:
+                old["study"].pop(key, None)
+                new["study"].pop(key, None)
+            if old != new or saved.get("run") != self.pretrained:
+                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                if old.get("study") != new.get("study"):
+                    changed += sorted(f"study.{k}" for k in set(old["study"]) | set(new["study"])
+                                      if old["study"].get(k) != new["study"].get(k))
+                if saved.get("run") != self.pretrained:
+                    changed.append("--run")
+                raise DifftimeError(
+                    f"{self.out} holds a study with different settings ({', '.join(changed)}); only "
+                    f"{' and '.join(GRID_KEYS)} may change on a rerun: use the same options or a new --out")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise DifftimeError(f"{self.out} exists and is not a difftime study directory; choose a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        # Rewritten on every rerun so it always describes the grid of the latest report.
+        save_json(record, {"config": self.config, "run": self.pretrained, "versions": versions()})
+
+    def _run_dirs(self) -> dict[float, Path]:
+        """The run that serves each T."""
+        if self.pretrained is not None:
+            return {T: Path(self.pretrained) for T in self.settings["T_grid"]}
+        if self.settings["mode"] == "truncate":
+            return {T: self.out / "runs" / "main" for T in self.settings["T_grid"]}
+        return {T: self.out / "runs" / f"T{T:g}" for T in self.settings["T_grid"]}
+
+    def _train(self, run_dir: Path, T_train: float, dataset) -> dict[str, Any]:
+        """Train (or finish training) one run; returns its training record."""
+        from difftime.config import merge, read_json_file, validate
+        from difftime.io import save_json
+        from difftime.train import Trainer
+
+        record_path = run_dir / "study-train.json"
+        if record_path.is_file():
+            return read_json_file(record_path, "training record")
+        config = merge(self.config, {"train": {"T": T_train}})
+        validate(config)
+        trainer = Trainer(config, dataset, device=self.device)
+        if (run_dir / "state.json").is_file():  # an interrupted study: finish the run from its checkpoint
+            trainer.load(run_dir)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trainer.write_config(run_dir)
+        resumed_at = trainer.step
+        start = time.perf_counter()
+        last = trainer.fit(run_dir, progress=self.progress)
+        record = {"run": str(run_dir), "T_train": T_train, "steps": trainer.step, "resumed_at_step": resumed_at,
+                  "last_loss": last.get("loss"), "params": sum(p.numel() for p in trainer.model.parameters()),
+                  "wall_s": time.perf_counter() - start}
+        save_json(record_path, record)
+        return record
+
+    # --- one cell ----------------------------------------------------------------------------
+    def _prior(self, run, family: str, T: float, dataset) -> tuple[Any, dict[str, Any]]:
+        """The run's prior at T: loaded when already fitted, fitted and stored otherwise."""
+        from difftime.evaluate import resolve_prior
+        from difftime.priors import fit_prior, make_prior, prior_dir, save_prior
+
+        s = self.settings
+        directory = prior_dir(run.path, family, T)
+        if family == "standard" or (directory / "config.json").is_file():
+            return resolve_prior(run, family, T), {"fitted_now": False}
+        seed = self.config["seed"]
+        prior = make_prior(family, run.sde, T, dataset, seed=seed)
+        fit = fit_prior(prior, run.sde, T, dataset, steps=s["prior_steps"], batch_size=s["prior_batch_size"],
+                        lr=s["prior_lr"], seed=seed, progress=self.progress)
+        save_prior(prior, directory, extra={"fit": fit, "data": dataset.name, "seed": seed})
+        prior.eval()
+        return prior, {"fitted_now": True, "fit": fit}
+
+    def _horizon(self, T: float, families: list[str], run, dataset, sweep: list[int]) -> list[dict[str, Any]]:
+        """The cells of ``families`` at T. One likelihood pass serves them all: the priors share
+        the dequantization, the (t, z) and x_T draws and the PF-ODE solve."""
+        from difftime.evaluate import likelihood_metrics
+
+        s = self.settings
+        priors, info, fit_s = {}, {}, {}
+        for family in families:
+            start = time.perf_counter()
+            priors[family], info[family] = self._prior(run, family, T, dataset)
+            fit_s[family] = time.perf_counter() - start
+        start = time.perf_counter()
+        T, eps = run.sde.check_horizon(T)
+        likelihood = likelihood_metrics(
+            run, priors, dataset.test[: s["n_likelihood"]], T, ("elbo", "nll"), eps=eps,
+            dequant_repeats=s["dequant_repeats"], n_t=s["n_t"], n_prior=s["n_prior"], rtol=s["tol"], atol=s["tol"],
+            divergence=s["divergence"], seed=self.config["seed"], progress=self.progress)
+        shared_s = time.perf_counter() - start
+        cells = []
+        for family in families:
+            wall = {"prior_fit_s": fit_s[family], "likelihood_s": shared_s / len(families)}
+            cells.append(self._cell(T, eps, family, priors[family], info[family], likelihood[family], wall, run,
+                                    dataset, sweep if family == "standard" else []))
+        return cells
+
+    def _cell(self, T: float, eps: float, family: str, prior, prior_info: dict[str, Any],
+              likelihood: dict[str, Any], wall: dict[str, float], run, dataset, sweep: list[int]) -> dict[str, Any]:
+        """Sample quality of one T x prior at every step budget, its grid, and the cell record."""
+        from difftime.evaluate import draw_samples
+        from difftime.io import atomic_write_bytes, save_json
+        from difftime.metrics import quality_metrics
+        from difftime.plots import save_samples_figure
+        from difftime.sampling import steps_for_horizon
+
+        s = self.settings
+        seed = self.config["seed"]
+        budgets = [("proportional", steps_for_horizon(T, s["steps_per_unit_time"])), ("fixed", s["fixed_steps"])]
+        budgets += [("sweep", steps) for steps in sweep]
+        metric_names = quality_metric_names(s, dataset.is_image)
+        sampling: list[dict[str, Any]] = []
+        grid_samples = None
+        for sampler in s["samplers"]:
+            done: set[int] = set()
+            for budget, steps in budgets:
+                if steps in done:
+                    continue
+                done.add(steps)
+                samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, s["n_samples"],
+                                                         seed=seed, eps=eps)
+                start = time.perf_counter()
+                quality = quality_metrics(samples, dataset.name, metric_names, reference_split="test", seed=seed,
+                                          progress=False)
+                sampling.append({"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe,
+                                 "n": s["n_samples"], "sample_wall_s": sample_wall,
+                                 "metrics_wall_s": time.perf_counter() - start, "quality": quality})
+                if grid_samples is None and budget == "proportional":
+                    grid_samples = (samples, sampler, nfe)
+        assert grid_samples is not None
+        samples, sampler, nfe = grid_samples
+        name = cell_name(T, family)
+        buf = io.BytesIO()
+        np.savez(buf, samples=samples, T=T, eps=eps, prior=family, sampler=sampler, nfe=nfe, seed=seed)
+        atomic_write_bytes(self.out / "samples" / f"{name}.npz", buf.getvalue())
+        if dataset.is_image or samples.shape[-1] == 2:
+            save_samples_figure(samples[: s["grid_images"]] if dataset.is_image else samples,
+                                self.out / "samples" / f"{name}.png",
+                                title=f"T={T:g}, {family} prior, {sampler}, NFE={nfe}")
+        wall["sampling_s"] = sum(r["sample_wall_s"] for r in sampling)
+        wall["quality_metrics_s"] = sum(r["metrics_wall_s"] for r in sampling)
+        cell = {"T": T, "eps": eps, "prior": family, "run": str(run.path),
+                "T_train": run.config["config"]["train"]["T"], "prior_info": prior_info, "likelihood": likelihood,
+                "sampling": sampling, "wall": wall}
+        save_json(self.out / "cells" / f"{name}.json", cell)
+        return cell
+
+    # --- the whole study ---------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from difftime.data import load_data
+        from difftime.io import load_run, read_json_file
+        from difftime.report import write_report
+        from difftime.sampling import steps_for_horizon
+
+        self._claim_directory()
+        s = self.settings
+        run_dirs = self._run_dirs()
+        start_all = time.perf_counter()
+        dataset = load_data(self.config["data"], seed=self.config["seed"])
+        training: dict[str, Any] = {}
+        if self.pretrained is None:
+            for T, run_dir in run_dirs.items():
+                if str(run_dir) not in training:
+                    T_train = self.config["train"]["T"] if s["mode"] == "truncate" else T
+                    training[str(run_dir)] = self._train(run_dir, T_train, dataset)
+
+        T_ref = max(s["T_grid"])
+        sweep = sorted({steps_for_horizon(T, s["steps_per_unit_time"]) for T in s["T_grid"] if T < T_ref})
+        cells = [(T, family) for T in s["T_grid"] for family in s["priors"]]
+        by_cell: dict[tuple[float, str], dict[str, Any]] = {}
+        bar = tqdm(total=len(cells), desc="study", unit="cell", disable=not self.progress, position=0)
+        with bar:
+            for T in s["T_grid"]:
+                missing = []
+                for family in s["priors"]:
+                    path = self.out / "cells" / f"{cell_name(T, family)}.json"
+                    if path.is_file():
+                        by_cell[T, family] = read_json_file(path, "study cell")
+                        bar.update(1)
+                    else:
+                        missing.append(family)
+                if not missing:
+                    continue
+                bar.set_postfix_str(f"T={T:g}")
+                run = load_run(run_dirs[T])
+                if run.config["resolved"]["data"] != dataset.name:
+                    raise DifftimeError(f"{run_dirs[T]} was trained on {run.config['resolved']['data']!r}, "
+                                        f"but the study's data is {dataset.name!r}")
+                for cell in self._horizon(T, missing, run, dataset, sweep if T == T_ref else []):
+                    by_cell[T, cell["prior"]] = cell
+                    bar.update(1)
+        results = [by_cell[key] for key in cells]
+        summary = {"config": self.config, "settings": s, "run": self.pretrained, "training": training,
+                   "cells": results, "T_ref": T_ref, "n_cells": len(cells),
+                   "wall_s_this_invocation": time.perf_counter() - start_all}
+        write_report(summary, self.out)
+        return summary
+
+
+def study_config(preset: str | None, config_file: str | None, overrides: dict[str, Any],
+                 run: str | None = None) -> dict[str, Any]:
+    """The study's full config. With a pretrained ``run``, its training config replaces the preset's."""
+    from difftime.config import build_config, merge, read_json_file, validate
+
+    config = build_config(preset, config_file, overrides)
+    if run is not None:
+        saved = read_json_file(Path(run) / "config.json", "run config")
+        if not isinstance(saved.get("config"), dict):
+            raise DifftimeError(f"{Path(run) / 'config.json'} has no 'config' object; is it a difftime run?")
+        base = {k: v for k, v in saved["config"].items() if k != "study"}
+        config = merge(merge(build_config(), base), {"study": config["study"], "seed": config["seed"]})
+        validate(config)
+    return config
