@@ -14,13 +14,19 @@ NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
 
 
 def net_from_config(config: dict[str, Any]) -> nn.Module:
-    """Build a network from ``{"kind": "mlp"|"unet", **kwargs}``."""
+    """Build a network from ``{"kind": "mlp"|"unet"|"diffusers", **kwargs}``."""
     config = dict(config)
     kind = config.pop("kind", None)
-    if kind not in NETS:
-        raise DifftimeError(f"unknown network kind {kind!r}; expected one of {sorted(NETS)}")
+    if kind == "diffusers":  # a retrofitted pretrained model; diffusers is an optional extra, imported lazily
+        from difftime.retrofit import DiffusersEps
+
+        cls: type[nn.Module] = DiffusersEps
+    elif kind in NETS:
+        cls = NETS[kind]
+    else:
+        raise DifftimeError(f"unknown network kind {kind!r}; expected one of {sorted([*NETS, 'diffusers'])}")
     try:
-        return NETS[kind](**config)
+        return cls(**config)
     except TypeError as exc:
         raise DifftimeError(f"bad arguments for network {kind!r}: {exc}") from None
 

@@ -1,0 +1,391 @@
+"""Retrofit a pretrained diffusers DDPM (``UNet2DModel`` + linear-beta scheduler) as a VP eps-network.
+
+The correspondence (Song et al. 2021). A DDPM with N training steps and linear betas
+beta_0..beta_{N-1} (diffusers' 0-based indexing) discretises the VP SDE with b0 = N beta_0 and
+b1 = N beta_{N-1}: training step i sits at t_i = (i + 1) / N and alphas_cumprod[i] ~ m(t_i)^2 =
+exp(-B(t_i)). The two agree up to O(beta^2) per step. :func:`check_schedule` measures the largest
+gap in the kernel's mean factor m and standard deviation sigma over the N steps and refuses a
+schedule where it exceeds ``KERNEL_TOL`` = 0.01 (non-linear betas, or too few steps). For the
+common 1e-4..0.02 with N = 1000 the gap is 0.0013; with N = 200 and 5e-4..0.1 it is 0.0068.
+
+The time map. The network is evaluated at the fractional step tau(t) whose noise level is exactly
+the continuous one: log alphas_cumprod, linear between integer steps (and 0 at step -1, t = 0),
+equals -B(t). So eps_hat(x, t) = unet(x, tau(t)) sees the noise level of x_t, between two it was
+trained on, and tau(t_i) stays within a few steps of i (3.4 for 1e-4..0.02, N = 1000). The run's eps is
+1/N, step 0: the least noise the network has seen. A difftime grid from T = 1 to eps = 1/N with
+N - 1 steps is then DDPM's own grid (N network calls with the final denoising step), and T = 0.4
+with 0.4 N - 1 steps is its last 40%.
+
+diffusers is an optional extra and is imported only when a retrofitted network is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from difftime.config import read_json_file
+from difftime.errors import DifftimeError
+from difftime.sde import VPSDE, broadcast_to
+
+KERNEL_TOL = 0.01
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_SCHEDULER_FILE = "scheduler_config.json"
+
+
+def _diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError:
+        raise DifftimeError(
+            "retrofitted diffusers models need the optional extra: pip install 'difftime[diffusers]'"
+        ) from None
+    return diffusers
+
+
+@dataclass(frozen=True)
+class DDPMSchedule:
+    """A linear-beta DDPM training schedule and the VP SDE it discretises."""
+
+    num_train_timesteps: int
+    beta_start: float
+    beta_end: float
+
+    def __post_init__(self) -> None:
+        n, lo, hi = self.num_train_timesteps, self.beta_start, self.beta_end
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise DifftimeError(f"num_train_timesteps must be an integer >= 2, got {n!r}")
+        if not (0 < lo < hi < 1):
+            raise DifftimeError(f"need 0 < beta_start < beta_end < 1 for a VP SDE; got {lo!r}, {hi!r}")
+
+    def betas(self) -> Tensor:
+        return torch.linspace(self.beta_start, self.beta_end, self.num_train_timesteps, dtype=torch.float64)
+
+    def neg_log_alphas_cumprod(self) -> Tensor:
+        """-log alphas_cumprod at steps -1, 0, ..., N-1 (increasing; 0 at step -1), float64."""
+        cum = torch.cumsum(-torch.log1p(-self.betas()), 0)
+        return torch.cat([cum.new_zeros(1), cum])
+
+    def sde(self) -> VPSDE:
+        n = self.num_train_timesteps
+        return VPSDE(b0=n * self.beta_start, b1=n * self.beta_end, T_max=1.0, eps=1.0 / n)
+
+    def kernel_error(self) -> float:
+        """max over steps i of |m_disc - m(t_i)| and |sigma_disc - sigma(t_i)|, t_i = (i + 1) / N."""
+        n = self.num_train_timesteps
+        c = self.neg_log_alphas_cumprod()[1:]
+        B = self.sde().B(torch.arange(1, n + 1, dtype=torch.float64) / n)
+        dm = (torch.exp(-c / 2) - torch.exp(-B / 2)).abs().max()
+        ds = (torch.sqrt(-torch.expm1(-c)) - torch.sqrt(-torch.expm1(-B))).abs().max()
+        return float(max(dm, ds))
+
+
+def check_schedule(config: dict[str, Any], where: str = "scheduler") -> tuple[DDPMSchedule, str]:
+    """The schedule and prediction type of a diffusers scheduler config, or a DifftimeError.
+
+    Missing keys take diffusers' DDPMScheduler defaults. Only linear betas have a VP SDE here;
+    ``trained_betas`` are accepted when they are linear.
+    """
+    n = config.get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise DifftimeError(f"{where}: num_train_timesteps must be an integer >= 2, got {n!r}")
+    trained = config.get("trained_betas")
+    if trained is not None:
+        betas = np.asarray(trained, dtype=np.float64)
+        if betas.shape != (n,) or not np.all(np.isfinite(betas)):
+            raise DifftimeError(f"{where}: trained_betas must be {n} finite numbers")
+        if not np.allclose(betas, np.linspace(betas[0], betas[-1], n), rtol=1e-5, atol=1e-9):
+            raise DifftimeError(
+                f"{where}: trained_betas are not linear in the step; difftime maps only linear-beta "
+                "DDPMs to a VP SDE (b0 = N beta_1, b1 = N beta_N)"
+            )
+        start, end = float(betas[0]), float(betas[-1])
+    else:
+        kind = config.get("beta_schedule", "linear")
+        if kind != "linear":
+            raise DifftimeError(
+                f"{where}: beta_schedule {kind!r} is not supported; difftime maps only linear-beta "
+                "DDPMs to a VP SDE (b0 = N beta_1, b1 = N beta_N)"
+            )
+        start, end = config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
+    if config.get("rescale_betas_zero_snr", False):
+        raise DifftimeError(
+            f"{where}: rescale_betas_zero_snr gives alphas_cumprod = 0 at the last step, which no "
+            "VP SDE reaches; use a checkpoint trained without it"
+        )
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise DifftimeError(
+            f"{where}: prediction_type {prediction!r} is unknown; expected one of {', '.join(PREDICTION_TYPES)}"
+        )
+    try:
+        schedule = DDPMSchedule(n, float(start), float(end))
+    except (TypeError, ValueError) as exc:
+        raise DifftimeError(f"{where}: {exc}") from None
+    err = schedule.kernel_error()
+    if not err <= KERNEL_TOL:
+        raise DifftimeError(
+            f"{where}: the {n}-step DDPM with betas {start:g}..{end:g} departs from the VP SDE "
+            f"(b0 = {n * start:g}, b1 = {n * end:g}) by {err:.4f} in the kernel's mean or std, over the tolerance "
+            f"{KERNEL_TOL}; too few steps for a continuous-time model"
+        )
+    return schedule, prediction
+
+
+def check_unet_config(
+    config: dict[str, Any], variance_type: str = "fixed_small", where: str = "unet"
+) -> tuple[int, int, int]:
+    """The image shape (C, H, W) of an unconditional UNet2DModel config, or a DifftimeError."""
+    name = config.get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise DifftimeError(f"{where}: {name} is not supported; difftime retrofits unconditional UNet2DModel only")
+    embedding = config.get("time_embedding_type", "positional")
+    if embedding != "positional":
+        raise DifftimeError(
+            f"{where}: time_embedding_type {embedding!r} is not supported; only 'positional' "
+            "embeddings (DDPM) take a fractional training step"
+        )
+    if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
+        raise DifftimeError(f"{where}: class-conditional UNets are not supported; difftime samples unconditionally")
+    if config.get("center_input_sample", False):
+        raise DifftimeError(f"{where}: center_input_sample = true is not supported; it expects data in [0, 1]")
+    c_in, c_out = config.get("in_channels", 3), config.get("out_channels", 3)
+    if c_out != c_in and not (c_out == 2 * c_in and variance_type in ("learned", "learned_range")):
+        raise DifftimeError(
+            f"{where}: out_channels {c_out} != in_channels {c_in}; expected eps of the input's "
+            "shape (or eps plus a learned variance)"
+        )
+    size = config.get("sample_size")
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = [size, size]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise DifftimeError(f"{where}: sample_size must be an integer or [H, W], got {config.get('sample_size')!r}")
+    return (int(c_in), size[0], size[1])
+
+
+class DiffusersEps(nn.Module):
+    """``model(x, t) -> eps_hat`` around a diffusers ``UNet2DModel`` trained as a linear-beta DDPM.
+
+    t is absolute time in [eps, 1] of the VP SDE ``self.sde``; the UNet is called at the
+    fractional training step :meth:`timestep` (t), whose alphas_cumprod equals m(t)^2.
+    """
+
+    def __init__(
+        self,
+        unet: dict[str, Any],
+        num_train_timesteps: int,
+        beta_start: float,
+        beta_end: float,
+        prediction_type: str = "epsilon",
+    ) -> None:
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise DifftimeError(
+                f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
+            )
+        self.schedule = DDPMSchedule(num_train_timesteps, beta_start, beta_end)
+        self.sde = self.schedule.sde()
+        self.prediction_type = prediction_type
+        try:
+            self.unet = _diffusers().UNet2DModel.from_config({k: v for k, v in unet.items() if not k.startswith("_")})
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DifftimeError(f"bad UNet2DModel config: {exc}") from None
+        # A plain float64 attribute, not a buffer, so that .half() or .float() cannot coarsen the map.
+        self._neg_log_abar = self.schedule.neg_log_alphas_cumprod()
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The fractional training step tau(t) with -log alphas_cumprod(tau) = B(t), in float64."""
+        table = self._neg_log_abar.to(t.device)
+        target = self.sde.B(t.to(torch.float64))
+        hi = torch.searchsorted(table, target).clamp(1, len(table) - 1)
+        lo = hi - 1
+        frac = (target - table[lo]) / (table[hi] - table[lo])  # linear extrapolation past either end
+        return (lo - 1).to(torch.float64) + frac
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        if t.dim() == 0:
+            t = t.expand(len(x))
+        tau = self.timestep(t).to(torch.float32)
+        out = self.unet(x.to(self.unet.dtype), tau, return_dict=False)[0]
+        out = out[:, : x.shape[1]].to(x.dtype)  # learned-variance UNets append log-variance channels
+        if self.prediction_type == "epsilon":
+            return out
+        m, sigma = broadcast_to(self.sde.m(t).to(x.dtype), x), broadcast_to(self.sde.sigma(t).to(x.dtype), x)
+        if self.prediction_type == "v_prediction":  # v = m eps - sigma x0 and x = m x0 + sigma eps
+            return m * out + sigma * x
+        return (x - m * out) / sigma  # "sample": out is x0
+
+    def extra_repr(self) -> str:
+        s = self.schedule
+        return (
+            f"N={s.num_train_timesteps}, betas={s.beta_start:g}..{s.beta_end:g}, prediction_type={self.prediction_type}"
+        )
+
+
+# --- import: a diffusers folder -> a difftime run directory --------------------------------------------------
+
+
+def _locate(directory: Path) -> tuple[Path, Path]:
+    """(UNet folder, scheduler config) of a pipeline folder (unet/, scheduler/) or of a bare UNet folder."""
+    if not directory.is_dir():
+        raise DifftimeError(f"diffusers:{directory}: not a directory")
+    if (directory / "unet" / "config.json").is_file():
+        unet_dir = directory / "unet"
+        candidates = [directory / "scheduler" / _SCHEDULER_FILE]
+    elif (directory / "config.json").is_file():
+        unet_dir = directory
+        candidates = [directory / _SCHEDULER_FILE, directory.parent / "scheduler" / _SCHEDULER_FILE]
+    else:
+        raise DifftimeError(
+            f"diffusers:{directory}: no unet/config.json or config.json; expected a folder saved by "
+            "DDPMPipeline.save_pretrained or UNet2DModel.save_pretrained"
+        )
+    for path in candidates:
+        if path.is_file():
+            return unet_dir, path
+    raise DifftimeError(
+        f"diffusers:{directory}: no {_SCHEDULER_FILE} beside the UNet; difftime needs the training "
+        "schedule: save the DDPMScheduler there with scheduler.save_pretrained(DIR)"
+    )
+
+
+def _weights_variant(unet_dir: Path) -> str | None:
+    """The safetensors variant to load; pickled weights are refused rather than unpickled."""
+    base = "diffusion_pytorch_model"
+    if (unet_dir / f"{base}.safetensors").is_file() or (unet_dir / f"{base}.safetensors.index.json").is_file():
+        return None
+    variants = sorted(p.name[len(base) + 1 : -len(".safetensors")] for p in unet_dir.glob(f"{base}.*.safetensors"))
+    if len(variants) == 1:
+        return variants[0]
+    if variants:
+        raise DifftimeError(f"{unet_dir}: several weight variants {variants}; keep one {base}.safetensors")
+    raise DifftimeError(
+        f"{unet_dir}: no {base}.safetensors; difftime never unpickles .bin weights. Convert them "
+        "once in a trusted environment: UNet2DModel.from_pretrained(DIR).save_pretrained(DIR)"
+    )
+
+
+def _check_data_range(dataset: Any, spec: str) -> None:
+    """DDPM checkpoints are trained on images in [-1, 1]; a scaler that maps elsewhere would feed them garbage."""
+    scaler = dataset.scaler
+    if scaler.discrete:
+        lo, hi = scaler.b, scaler.a + scaler.b
+    else:
+        x = scaler.encode(dataset.train[:4096])
+        lo, hi = float(x.min()), float(x.max())
+    if lo < -1 - 1e-6 or hi > 1 + 1e-6 or (scaler.discrete and (lo, hi) != (-1.0, 1.0)):
+        raise DifftimeError(
+            f"--data {spec} maps to model space [{lo:g}, {hi:g}], but a DDPM checkpoint expects "
+            "images scaled to [-1, 1]"
+        )
+
+
+def import_diffusers(directory: str | Path, data: str, out: str | Path, seed: int = 0) -> dict[str, Any]:
+    """Write a difftime run directory for a local diffusers UNet2DModel + DDPM scheduler.
+
+    The UNet's weights are copied, as float32 safetensors, into ``out``/ema.safetensors (and
+    model.safetensors), checksummed in state.json like a trained run's, so the run is
+    self-contained. ``data`` is the data the model was trained on: fit-prior draws x0 from it.
+    """
+    from difftime.data import load_data
+    from difftime.io import FORMAT_VERSION, load_state_dict_strict, save_json, save_tensors, sha256_file
+    from difftime.nets import net_from_config
+    from difftime.train import versions
+
+    directory, out = Path(directory).expanduser(), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DifftimeError(f"--out {out} exists and is not an empty directory; choose a new one")
+    unet_dir, scheduler_path = _locate(directory)
+    scheduler_cfg = read_json_file(scheduler_path, "scheduler config")
+    unet_cfg = read_json_file(unet_dir / "config.json", "UNet config")
+    schedule, prediction = check_schedule(scheduler_cfg, where=str(scheduler_path))
+    shape = check_unet_config(unet_cfg, scheduler_cfg.get("variance_type", "fixed_small"), where=str(unet_dir))
+    dataset = load_data(data, seed=seed)
+    if tuple(dataset.shape) != shape:
+        raise DifftimeError(
+            f"--data {data} has shape {tuple(dataset.shape)}, but the UNet in {unet_dir} takes "
+            f"{shape} (in_channels, sample_size); pass the data it was trained on"
+        )
+    _check_data_range(dataset, data)
+
+    diffusers = _diffusers()
+    variant = _weights_variant(unet_dir)
+    try:
+        unet = diffusers.UNet2DModel.from_pretrained(
+            unet_dir,
+            use_safetensors=True,
+            local_files_only=True,
+            low_cpu_mem_usage=False,
+            variant=variant,
+            torch_dtype=torch.float32,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DifftimeError(f"{unet_dir}: diffusers cannot load the UNet: {str(exc).splitlines()[0]}") from None
+    net_cfg = {
+        "kind": "diffusers",
+        "unet": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "beta_start": schedule.beta_start,
+        "beta_end": schedule.beta_end,
+        "prediction_type": prediction,
+    }
+    net_cfg = json.loads(json.dumps(net_cfg))  # tuples -> lists, exactly as load_run will read it back
+    model = net_from_config(net_cfg)
+    load_state_dict_strict(
+        model,
+        {f"unet.{k}": v.float() for k, v in unet.state_dict().items()},
+        unet_dir,
+        described_by="its own config.json",
+    )
+    sde = model.sde
+
+    source_files = sorted(p for p in unet_dir.iterdir() if p.name.endswith(".safetensors"))
+    # Only keys the config defaults know, so `study --run` can merge it; the real net is in "resolved".
+    config = {"data": data, "seed": seed, "train": {"T": 1.0}, "sde": sde.to_config()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(
+        out / "config.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "config": config,
+            "resolved": {
+                "sde": sde.to_config(),
+                "net": net_cfg,
+                "scaler": dataset.scaler.to_dict(),
+                "shape": list(dataset.shape),
+                "data": dataset.name,
+            },
+            "versions": {**versions(), "diffusers": diffusers.__version__},
+            "imported": {
+                "from": f"diffusers:{directory.resolve()}",
+                "scheduler": scheduler_cfg,
+                "kernel_error": schedule.kernel_error(),
+                "kernel_tolerance": KERNEL_TOL,
+                "source_sha256": {p.name: sha256_file(p) for p in source_files},
+            },
+        },
+    )
+    sha = save_tensors(out / "ema.safetensors", model.state_dict())
+    try:  # a pretrained checkpoint has one set of weights; "model" and "ema" share it
+        os.link(out / "ema.safetensors", out / "model.safetensors")
+    except OSError:
+        shutil.copyfile(out / "ema.safetensors", out / "model.safetensors")
+    save_json(out / "state.json", {"step": 0, "sha256": {"ema.safetensors": sha, "model.safetensors": sha}})
+    return {
+        "run": str(out),
+        "from": f"diffusers:{directory}",
+        "shape": list(shape),
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "sde": sde.to_config(),
+        "prediction_type": prediction,
+        "kernel_error": round(schedule.kernel_error(), 6),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
