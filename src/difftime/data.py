@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from difftime.errors import DifftimeError
+from difftime.io import refuse_pickle
 
 __all__ = ["SPEC_FORMS", "Dataset", "Scaler", "gaussian_params", "load_data"]
 
@@ -812,6 +813,10 @@ _NPZ_EXPECTED = "expected uint8 images (N, C, H, W) or (N, H, W), or float vecto
 
 def _load_npz(spec: str, rest: str, seed: int) -> Dataset:
     path = Path(rest).expanduser()
+    try:
+        refuse_pickle(path)
+    except DifftimeError as exc:
+        raise _err(spec, str(exc)) from None
     if not path.is_file():
         raise _err(spec, f"{path} does not exist; expected a .npz file with arrays train and test")
     try:
@@ -847,8 +852,10 @@ def _load_npz(spec: str, rest: str, seed: int) -> Dataset:
             ) from None
     train, test = arrays["train"], arrays["test"]
     for split, a in (("train", train), ("test", test)):
-        if len(a.shape) == 0 or a.shape[0] == 0:
-            raise _err(spec, f"{split} in {path} is empty (shape {a.shape}); expected at least one example")
+        if len(a.shape) == 0 or 0 in a.shape:
+            raise _err(
+                spec, f"{split} in {path} is empty (shape {a.shape}); expected at least one example, no dimension 0"
+            )
     is_img = train.dtype == np.uint8 and train.ndim in (3, 4)
     is_vec = train.dtype.kind == "f" and train.ndim == 2
     if not (is_img or is_vec):

@@ -164,7 +164,7 @@ class Study:
         config = merge(self.config, {"train": {"T": T_train}})
         validate(config)
         trainer = Trainer(config, dataset, device=self.device)
-        if (run_dir / "state.json").is_file():  # an interrupted study: finish the run from its checkpoint
+        if (run_dir / "config.json").is_file():  # an interrupted study: finish the run from its last checkpoint
             trainer.load(run_dir)
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,18 +182,14 @@ class Study:
     def _prior(self, run, family: str, T: float, dataset) -> tuple[Any, dict[str, Any]]:
         """The run's prior at T: loaded when already fitted, fitted and stored otherwise."""
         from difftime.evaluate import resolve_prior
-        from difftime.priors import fit_prior, make_prior, prior_dir, save_prior
+        from difftime.priors import fit_run_prior, prior_dir
 
         s = self.settings
-        directory = prior_dir(run.path, family, T)
-        if family == "standard" or (directory / "config.json").is_file():
+        if family == "standard" or (prior_dir(run.path, family, T) / "config.json").is_file():
             return resolve_prior(run, family, T), {"fitted_now": False}
-        seed = self.config["seed"]
-        prior = make_prior(family, run.sde, T, dataset, seed=seed)
-        fit = fit_prior(prior, run.sde, T, dataset, steps=s["prior_steps"], batch_size=s["prior_batch_size"],
-                        lr=s["prior_lr"], seed=seed, progress=self.progress)
-        save_prior(prior, directory, extra={"fit": fit, "data": dataset.name, "seed": seed})
-        prior.eval()
+        prior, fit = fit_run_prior(run.path, run.sde, run.shape, family, T, dataset, steps=s["prior_steps"],
+                                   batch_size=s["prior_batch_size"], lr=s["prior_lr"], seed=self.config["seed"],
+                                   progress=self.progress)
         return prior, {"fitted_now": True, "fit": fit}
 
     def _horizon(self, T: float, families: list[str], run, dataset, sweep: list[int]) -> list[dict[str, Any]]:

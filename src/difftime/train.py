@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,12 +22,19 @@ from difftime.config import net_config, sde_config
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
 from difftime.io import (
+    CHECKPOINT_FILES,
+    CHECKPOINTS,
     FORMAT_VERSION,
+    atomic_write_bytes,
+    checkpoint_dir,
+    encode_tensors,
+    fsync_dir,
     load_state_dict_strict,
     load_tensors,
-    read_json_file,
+    read_checked_json,
+    save_checked_json,
     save_json,
-    save_tensors,
+    saved_checkpoints,
 )
 from difftime.nets import net_from_config
 from difftime.sde import SDE, sde_from_config
@@ -89,7 +98,9 @@ class Trainer:
 
     All randomness flows from two generators seeded by ``config["seed"]`` (data order and
     per-step noise), plus torch's global RNG for dropout; all three are checkpointed, so a
-    resumed run continues the same random stream as an uninterrupted one.
+    resumed run continues the same random stream as an uninterrupted one. A step with a
+    non-finite loss or gradient changes no weights; ``train.skip_nonfinite`` such steps are
+    skipped (they still consume their batch and noise, so resume stays exact), one more stops.
     """
 
     def __init__(self, config: dict[str, Any], dataset: Dataset, device: str = "cpu") -> None:
@@ -118,6 +129,8 @@ class Trainer:
         self.order = torch.randperm(len(self.train_data), generator=self.data_gen)
         self.position = 0
         self.step = 0
+        self.skipped: list[int] = []
+        self.saved_step: int | None = None
 
     # --- one step ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -137,6 +150,7 @@ class Trainer:
         return x0
 
     def train_step(self) -> dict[str, float]:
+        """One step; with a non-finite loss or gradient norm the model, EMA and optimizer stay as they were."""
         x0 = self.next_batch()
         t, weight = sample_time(
             self.sde, len(x0), self.T, self.eps, self.tr["weighting"],
@@ -154,10 +168,30 @@ class Trainer:
         loss.backward()
         clip = self.tr["grad_clip"] or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        self.ema.update_parameters(self.model)
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        out = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        if math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"]):
+            self.optimizer.step()
+            self.ema.update_parameters(self.model)
+        return out
+
+    def _kept(self, run_dir: Path) -> str:
+        if self.saved_step is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint (step {self.saved_step}) is kept in {run_dir}"
+
+    def _skip_or_stop(self, last: dict[str, float], run_dir: Path) -> None:
+        what, value = ("loss", last["loss"]) if not math.isfinite(last["loss"]) else ("gradient", last["grad_norm"])
+        budget = self.tr["skip_nonfinite"]
+        if len(self.skipped) >= budget:
+            used = f" (train.skip_nonfinite={budget} already used on steps {self.skipped})" if budget else ""
+            raise DifftimeError(
+                f"training diverged: non-finite {what} ({value}) at step {self.step}{used}; {self._kept(run_dir)}; "
+                "lower train.lr, set train.grad_clip, or set train.skip_nonfinite=K to skip up to K such steps"
+            )
+        self.skipped.append(self.step)
+        tqdm.write(f"difftime: skipped step {self.step}: non-finite {what} ({value}); "
+                   f"{len(self.skipped)} of train.skip_nonfinite={budget} used", file=sys.stderr)
 
     # --- the loop ------------------------------------------------------------------------
     def fit(self, run_dir: str | Path, progress: bool = True) -> dict[str, float]:
@@ -175,16 +209,14 @@ class Trainer:
         with bar, open(log_path, "a") as log:
             while self.step < total:
                 last = self.train_step()
-                if not math.isfinite(last["loss"]):
-                    raise DifftimeError(
-                        f"training diverged: non-finite loss at step {self.step}; the last good "
-                        f"checkpoint is in {run_dir}; lower train.lr or enable train.grad_clip"
-                    )
-                window.append(last["loss"])
+                if math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"]):
+                    window.append(last["loss"])
+                else:
+                    self._skip_or_stop(last, run_dir)
                 bar.update(1)
-                if self.step % self.tr["log_every"] == 0 or self.step == total:
+                if (self.step % self.tr["log_every"] == 0 or self.step == total) and window:
                     now = time.perf_counter()
-                    record = {"step": self.step, "loss": sum(window) / len(window),
+                    record = {"step": self.step, "loss": sum(window) / len(window), "skipped": len(self.skipped),
                               "grad_norm": last["grad_norm"], "lr": self.lr_at(self.step - 1),
                               "steps_per_s": (self.step - tick_step) / max(now - tick, 1e-9)}
                     log.write(json.dumps(record) + "\n")
@@ -214,12 +246,19 @@ class Trainer:
             "versions": versions(),
         })
 
+    def _check_finite_weights(self, run_dir: Path) -> None:
+        for name, module in (("model", self.model), ("EMA", self.ema.module)):
+            for key, value in module.state_dict().items():
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise DifftimeError(
+                        f"training diverged: {name} weight {key!r} holds NaN or Inf after step {self.step}; "
+                        f"{self._kept(run_dir)}; lower train.lr or set train.grad_clip"
+                    )
+
     def save(self, run_dir: str | Path) -> None:
+        """Write checkpoints/step-N/, then replace the top-level copy, then keep the newest K folders."""
         run_dir = Path(run_dir)
-        hashes = {
-            "model.safetensors": save_tensors(run_dir / "model.safetensors", self.model.state_dict()),
-            "ema.safetensors": save_tensors(run_dir / "ema.safetensors", self.ema.module.state_dict()),
-        }
+        self._check_finite_weights(run_dir)
         state: dict[str, Tensor] = {
             "rng.data": self.data_gen.get_state(),
             "rng.noise": self.noise_gen.get_state(),
@@ -230,32 +269,67 @@ class Trainer:
         for idx, slots in opt["state"].items():
             for name, value in slots.items():
                 state[f"optim.{idx}.{name}"] = value
-        hashes["state.safetensors"] = save_tensors(run_dir / "state.safetensors", state)
-        save_json(run_dir / "state.json", {
+        files = {
+            "model.safetensors": encode_tensors(self.model.state_dict()),
+            "ema.safetensors": encode_tensors(self.ema.module.state_dict()),
+            "state.safetensors": encode_tensors(state),
+        }
+        meta = {
             "step": self.step,
             "data_position": self.position,
             "ema_n_averaged": int(self.ema.n_averaged.item()),
             "optim_param_groups": opt["param_groups"],
-            "sha256": hashes,
-        })
+            "skipped_steps": self.skipped,
+            "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+        }
+        _write_checkpoint(checkpoint_dir(run_dir, self.step), files, meta)
+        # Without state.json the top level reads as incomplete, so a kill while it is being
+        # replaced sends load and load_run to the folder just written.
+        (run_dir / "state.json").unlink(missing_ok=True)
+        _write_checkpoint(run_dir, files, meta)
+        self.saved_step = self.step
+        for old in saved_checkpoints(run_dir)[: -self.tr["keep_checkpoints"]]:
+            _remove_checkpoint(old)
 
     def load(self, run_dir: str | Path) -> None:
-        """Restore a checkpoint written by ``save``; every file must match state.json."""
+        """Resume from the newest complete checkpoint of ``run_dir``; every file must match its state.json.
+
+        That is the top-level copy, or the newest checkpoints/step-N/ when a kill interrupted
+        replacing it. With no checkpoint at all (killed before the first save) the run restarts
+        at step 0, which its config rebuilds exactly.
+        """
         run_dir = Path(run_dir)
-        meta = read_json_file(run_dir / "state.json", "checkpoint state")
+        source, step = None, 0
+        if (run_dir / "state.json").is_file():
+            source = run_dir
+            step = read_checked_json(run_dir / "state.json", "checkpoint state").get("step", 0)
+        newest = saved_checkpoints(run_dir)[-1:]
+        if newest and (source is None or _checkpoint_step(newest[0]) > step):
+            source = newest[0]
+        if source is not None:
+            meta = self._restore(source)
+            self.saved_step = self.step
+            if source != run_dir:
+                (run_dir / "state.json").unlink(missing_ok=True)
+                _write_checkpoint(run_dir, {name: (source / name).read_bytes() for name in CHECKPOINT_FILES}, meta)
+        _remove_leftovers(run_dir, self.step)
+        _truncate_log(run_dir / "metrics.jsonl", self.step)
+
+    def _restore(self, source: Path) -> dict[str, Any]:
+        meta = read_checked_json(source / "state.json", "checkpoint state")
         try:
             hashes = meta["sha256"]
             load_state_dict_strict(
                 self.model,
-                load_tensors(run_dir / "model.safetensors", hashes["model.safetensors"]),
-                run_dir / "model.safetensors",
+                load_tensors(source / "model.safetensors", hashes["model.safetensors"]),
+                source / "model.safetensors",
             )
             load_state_dict_strict(
                 self.ema.module,
-                load_tensors(run_dir / "ema.safetensors", hashes["ema.safetensors"]),
-                run_dir / "ema.safetensors",
+                load_tensors(source / "ema.safetensors", hashes["ema.safetensors"]),
+                source / "ema.safetensors",
             )
-            state = load_tensors(run_dir / "state.safetensors", hashes["state.safetensors"])
+            state = load_tensors(source / "state.safetensors", hashes["state.safetensors"])
             self.ema.n_averaged.fill_(meta["ema_n_averaged"])
             slots: dict[int, dict[str, Tensor]] = {}
             for key, value in state.items():
@@ -269,9 +343,39 @@ class Trainer:
             self.order = state["data.order"]
             self.position = int(meta["data_position"])
             self.step = int(meta["step"])
+            self.skipped = [int(s) for s in meta.get("skipped_steps", [])]  # absent before skipping existed
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise DifftimeError(f"{run_dir} holds an unusable checkpoint: {exc}") from None
-        _truncate_log(run_dir / "metrics.jsonl", self.step)
+            raise DifftimeError(f"{source} holds an unusable checkpoint: {exc}") from None
+        return meta
+
+
+def _write_checkpoint(folder: Path, files: dict[str, bytes], meta: dict[str, Any]) -> None:
+    """The weight files first, state.json last: a folder with a state.json is a complete checkpoint."""
+    for name, data in files.items():
+        atomic_write_bytes(folder / name, data)
+    save_checked_json(folder / "state.json", meta)
+
+
+def _checkpoint_step(folder: Path) -> int:
+    return int(folder.name.removeprefix("step-"))
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    (folder / "state.json").unlink(missing_ok=True)  # first, so a half-deleted folder never looks complete
+    fsync_dir(folder)
+    shutil.rmtree(folder)
+
+
+def _remove_leftovers(run_dir: Path, step: int) -> None:
+    """Temporary files of killed writes, and checkpoint folders that are incomplete or ahead of ``step``."""
+    folders = [p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.name[5:].isdigit()]
+    for folder in (run_dir, *folders):
+        for name in (*CHECKPOINT_FILES, "state.json", "metrics.jsonl", "config.json"):
+            for tmp in folder.glob(f".{name}.*.tmp"):
+                tmp.unlink()
+    for folder in folders:
+        if not (folder / "state.json").is_file() or _checkpoint_step(folder) > step:
+            _remove_checkpoint(folder)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -284,5 +388,5 @@ def _truncate_log(path: Path, step: int) -> None:
             if json.loads(line)["step"] <= step:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    path.write_text("".join(f"{line}\n" for line in keep))
+            continue  # also the torn last line of a killed run
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())

@@ -19,6 +19,9 @@ with ``torch.set_num_threads(1)`` on a busy 2-core machine.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +46,7 @@ __all__ = [
     "Prior",
     "StandardPrior",
     "fit_prior",
+    "fit_run_prior",
     "heldout_nll",
     "heldout_set",
     "load_prior",
@@ -89,3 +93,23 @@ def make_prior(family: str, sde: SDE, T: float, dataset: Dataset, *, seed: int =
         return cls.from_data(sde, T, x0, seed=seed, **options)
     except TypeError as exc:
         raise DifftimeError(f"bad options for the {family} prior: {exc}") from None
+
+
+def fit_run_prior(run_path: str | Path, sde: SDE, shape: tuple[int, ...], family: str, T: float, dataset: Dataset,
+                  *, steps: int, batch_size: int, lr: float, seed: int = 0, progress: bool = True,
+                  **options: Any) -> tuple[Prior, dict[str, Any]]:
+    """Build, fit and store a run's prior of ``family`` at T in ``prior_dir(run_path, family, T)``.
+
+    Fitting checkpoints into a hidden sibling folder, so a killed fit rerun with the same
+    arguments resumes; the stored prior only changes once the new one is complete.
+    Returns the fitted prior and its fit record.
+    """
+    directory = prior_dir(run_path, family, T)
+    prior = make_prior(family, sde, T, dataset, seed=seed, **options)
+    fit = fit_prior(prior, sde, T, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                    checkpoint=directory.with_name(f".{directory.name}.partial"))
+    extra = {"fit": fit, "data": dataset.name, "seed": seed, "options": options,
+             "test_nll_bits_per_dim_of_x_T": fit["test_nll"] / (math.prod(shape) * math.log(2))}
+    save_prior(prior, directory, extra=json.loads(json.dumps(extra, default=str)))
+    prior.eval()
+    return prior, fit

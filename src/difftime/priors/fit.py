@@ -4,12 +4,20 @@ Every training batch is fresh: x0 is drawn from the training split and dequantiz
 x_T = m(T) x0 + sigma(T) z uses new noise, so the prior sees the marginal rather than a fixed
 sample. The held-out NLL uses a FIXED set of x_T built from the test split with fixed noise, so
 numbers from different priors, or different evaluations of one prior, are directly comparable.
+
+Fitting is deterministic given ``seed``; with a ``checkpoint`` folder it also survives a kill:
+a rerun with the same arguments continues from the last evaluation and ends with exactly the
+weights an uninterrupted fit would have.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +27,7 @@ from tqdm.auto import tqdm
 
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
+from difftime.io import atomic_write_bytes, encode_tensors, load_tensors, read_checked_json, save_checked_json
 from difftime.sde import SDE
 
 _TRAIN_STREAM = 0
@@ -113,6 +122,7 @@ def fit_prior(
     progress: bool = True,
     grad_clip: float = 1.0,
     schedule: str = "constant",
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Maximum likelihood on fresh x_T samples with early stopping on the held-out NLL.
 
@@ -123,6 +133,10 @@ def fit_prior(
 
     The same held-out set both stops training and scores it, so "test_nll" is slightly
     optimistic; for an unbiased comparison, score with ``heldout_nll(..., seed=seed + 1)``.
+
+    With ``checkpoint``, the whole fitting state is saved in that folder at every evaluation, a
+    call with the same prior (initial weights) and arguments resumes from it, and it is removed
+    once fitting ends. A folder left by different arguments is ignored and overwritten.
     """
     T = _check(prior, sde, T, dataset)
     for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 1), ("eval_every", eval_every, 1),
@@ -152,29 +166,43 @@ def fit_prior(
     best_state = {k: v.detach().clone() for k, v in prior.state_dict().items()}
     best_step, bad_evals, step = 0, 0, 0
     running, n_running, skipped = 0.0, 0, 0
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        key = _run_key(prior, T, {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every,
+                                  "patience": patience, "n_eval": n_eval, "seed": seed, "grad_clip": grad_clip,
+                                  "schedule": schedule})
+        saved = _load_fit_state(checkpoint, key, prior, opt, sched, gen)
+        if saved is not None:
+            best_state, meta = saved
+            best, best_step, bad_evals, step, skipped = (meta[k] for k in ("best", "best_step", "bad_evals", "step",
+                                                                           "skipped"))
+            history = meta["history"]
     n_train = dataset.train.shape[0]
     device = _device(prior)
     prior.train()
-    bar = tqdm(total=int(steps), desc=f"fit {getattr(prior, 'family', 'prior')} T={T:g}", disable=not progress,
-               leave=False)
+    bar = tqdm(total=int(steps), initial=step, desc=f"fit {getattr(prior, 'family', 'prior')} T={T:g}",
+               disable=not progress, leave=False)
     try:
         while step < int(steps):
             idx = torch.randint(n_train, (int(batch_size),), generator=gen)
             xt = marginal_batch(sde, T, dataset, dataset.train[idx], gen).to(device)
             loss = -prior.log_prob(xt).mean()
             opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                skipped += 1
-                if skipped > 20:
-                    raise DifftimeError(
-                        f"fit_prior: the training loss is NaN/Inf at step {step}; lower lr (now {lr})"
-                    )
-            else:
+            finite = bool(torch.isfinite(loss))
+            if finite:
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+            if finite:
                 opt.step()
                 running += float(loss.detach())
                 n_running += 1
+            else:  # no update: NaN/Inf must never reach the weights
+                skipped += 1
+                if skipped > 20:
+                    raise DifftimeError(
+                        f"fit_prior: the training loss or its gradient is NaN/Inf at step {step + 1} "
+                        f"({skipped} such steps); lower lr (now {lr})"
+                    )
             sched.step()
             step += 1
             bar.update(1)
@@ -191,9 +219,66 @@ def fit_prior(
                 bar.set_postfix(test_nll=f"{test:.3f}", best=f"{best:.3f}")
                 if bad_evals >= int(patience):
                     break
+                if checkpoint is not None:
+                    _save_fit_state(checkpoint, key, prior, best_state, opt, sched, gen, {
+                        "best": best, "best_step": best_step, "bad_evals": bad_evals, "step": step,
+                        "skipped": skipped, "history": history})
     finally:
         bar.close()
         prior.load_state_dict(best_state)
         prior.eval()
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return {"test_nll": best, "history": history, "steps": step, "best_step": best_step,
             "seconds": time.perf_counter() - start}
+
+
+def _run_key(prior: Any, T: float, settings: dict[str, Any]) -> str:
+    """Identifies a fit: the prior's initial weights, T and every argument that shapes the result."""
+    h = hashlib.sha256(encode_tensors(prior.state_dict()))
+    h.update(json.dumps({"T": T, **settings}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _save_fit_state(folder: Path, key: str, prior: Any, best_state: dict[str, Tensor], opt: torch.optim.Optimizer,
+                    sched: Any, gen: torch.Generator, meta: dict[str, Any]) -> None:
+    """A new tensor file per step, then state.json naming it: whenever a kill lands, state.json and
+    the file it names agree."""
+    opt_state = opt.state_dict()
+    tensors = {"rng": gen.get_state(), **{f"prior.{k}": v for k, v in prior.state_dict().items()},
+               **{f"best.{k}": v for k, v in best_state.items()},
+               **{f"optim.{i}.{name}": v for i, slots in opt_state["state"].items() for name, v in slots.items()}}
+    data = encode_tensors(tensors)
+    name = f"state-{meta['step']:08d}.safetensors"
+    atomic_write_bytes(folder / name, data)
+    save_checked_json(folder / "state.json", {
+        **meta, "key": key, "file": name, "sha256": hashlib.sha256(data).hexdigest(),
+        "optim_param_groups": opt_state["param_groups"], "schedule": sched.state_dict()})
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def _load_fit_state(folder: Path, key: str, prior: Any, opt: torch.optim.Optimizer, sched: Any,
+                    gen: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """Restore a fit saved by ``_save_fit_state`` for the same ``key``; None when there is none."""
+    if not (folder / "state.json").is_file():
+        return None
+    meta = read_checked_json(folder / "state.json", "prior fitting state")
+    if meta.get("key") != key:
+        return None
+    try:
+        tensors = load_tensors(folder / meta["file"], meta["sha256"])
+        prior.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("prior.")})
+        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        slots: dict[int, dict[str, Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, idx, slot = name.split(".", 2)
+                slots.setdefault(int(idx), {})[slot] = value
+        opt.load_state_dict({"state": slots, "param_groups": meta["optim_param_groups"]})
+        sched.load_state_dict(meta["schedule"])
+        gen.set_state(tensors["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise DifftimeError(f"{folder} holds an unusable prior fitting state: {exc}; delete it to start over") from None
+    return best_state, meta

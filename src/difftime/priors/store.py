@@ -1,18 +1,22 @@
 """Saving and loading priors: ``<dir>/config.json`` + ``<dir>/prior.safetensors``, never pickles.
 
 The weights are written first and config.json last, recording the weights' sha256, so a folder
-is complete exactly when the checksum matches; a torn or tampered write fails at load.
+is complete exactly when the checksum matches; a torn or tampered write fails at load. A new
+prior is written into a hidden sibling folder and swapped in by renames, so a failed or killed
+save never damages a good prior already in place.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from difftime.config import read_json_file
 from difftime.errors import DifftimeError
-from difftime.io import load_state_dict_strict, load_tensors, save_json, save_tensors, sha256_file
+from difftime.io import fsync_dir, load_state_dict_strict, load_tensors, save_json, save_tensors, sha256_file
 from difftime.priors.base import Prior
 
 PRIOR_FORMAT_VERSION = 1
@@ -32,9 +36,11 @@ def save_prior(prior: Prior, directory: str | Path, extra: dict[str, Any] | None
     if not isinstance(prior, Prior) or PRIOR_FAMILIES.get(prior.family) is not type(prior):
         raise DifftimeError(f"save_prior: got {type(prior).__name__}; expected one of the library's priors")
     directory = Path(directory)
-    sha = save_tensors(directory / WEIGHTS_FILE, prior.state_dict())
+    staging = _sibling(directory, "new")
+    shutil.rmtree(staging, ignore_errors=True)
+    sha = save_tensors(staging / WEIGHTS_FILE, prior.state_dict())
     save_json(
-        directory / CONFIG_FILE,
+        staging / CONFIG_FILE,
         {
             "format_version": PRIOR_FORMAT_VERSION,
             "family": prior.family,
@@ -45,7 +51,25 @@ def save_prior(prior: Prior, directory: str | Path, extra: dict[str, Any] | None
             "extra": extra if extra is not None else {},
         },
     )
+    _finish_swap(directory)
+    old = _sibling(directory, "old")
+    if directory.exists():
+        os.rename(directory, old)
+    os.rename(staging, directory)
+    fsync_dir(directory.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def _sibling(directory: Path, role: str) -> Path:
+    return directory.with_name(f".{directory.name}.{role}")
+
+
+def _finish_swap(directory: Path) -> None:
+    """A save killed between its two renames left the previous prior in the .old sibling: put it back."""
+    old = _sibling(directory, "old")
+    if old.is_dir() and not directory.exists():
+        os.rename(old, directory)
 
 
 def load_prior(directory: str | Path) -> Prior:
@@ -53,6 +77,7 @@ def load_prior(directory: str | Path) -> Prior:
     from difftime.priors import PRIOR_FAMILIES
 
     directory = Path(directory)
+    _finish_swap(directory)
     if not directory.is_dir():
         raise DifftimeError(f"prior folder {directory} does not exist; expected a folder written by save_prior")
     cfg_path = directory / CONFIG_FILE
