@@ -42,7 +42,7 @@ def _results(out: Path) -> dict:
 def test_every_artifact_is_written(digits_study):
     out = digits_study
     for name in ("study.json", "results.json", "results.csv", "report.md", "elbo_vs_T.png", "quality_vs_nfe.png",
-                 "samples.png"):
+                 "samples.png", "data_floor.json"):
         assert (out / name).stat().st_size > 0, name
     for T in ("0.4", "1"):
         for prior in ("standard", "gaussian", "flow"):
@@ -61,6 +61,7 @@ def test_every_artifact_is_written(digits_study):
 def test_numbers_are_consistent(digits_study):
     r = _results(digits_study)
     assert len(r["cells"]) == 6
+    assert r["data_floor"]["n_samples"] == 64 and math.isfinite(r["data_floor"]["fd"]["value"])
     d = 64
     for cell in r["cells"]:
         e, nll = cell["likelihood"]["elbo"], cell["likelihood"]["nll"]
@@ -174,10 +175,11 @@ def test_per_T_mode_on_2d_data(tmp_path):
     assert (out / "samples.png").stat().st_size > 0
 
 
-def _cell(T: float, prior: str, bpd: float, prior_bpd: float, score_bpd: float, fd: float, steps: int) -> dict:
+def _cell(T: float, prior: str, bpd: float, prior_bpd: float, score_bpd: float, fd: float, steps: int,
+          se: float = 0.01) -> dict:
     sampling = [{"sampler": "em", "budget": "proportional", "steps": steps, "nfe": steps + 1,
                  "sample_wall_s": steps / 100, "quality": {"fd": {"value": fd}}}]
-    elbo = {"bpd": bpd, "bpd_se": 0.01, "prior_bpd": prior_bpd, "score_bpd": score_bpd}
+    elbo = {"bpd": bpd, "bpd_se": se, "prior_bpd": prior_bpd, "score_bpd": score_bpd}
     return {"T": T, "prior": prior, "likelihood": {"elbo": elbo}, "sampling": sampling}
 
 
@@ -195,6 +197,9 @@ def test_claims_follow_the_numbers():
     assert "finite best T: DID NOT HOLD" in text[0]
     assert "competitive in likelihood: DID NOT HOLD" in text[1]
     assert "sample quality (em, NFE proportional to T): DID NOT HOLD" in text[2]
+    noisy = [_cell(0.6, "standard", 4.0, 1.0, 2.0, 20.0, 60, se=0.3), _cell(1.0, "standard", 4.2, 0.5, 3.0, 10.0, 100,
+                                                                              se=0.3)]
+    assert "finite best T: NOT RESOLVED" in claims(noisy, "fd", ["em"], 1.0, "per-T")[0]
     saving = nfe_savings(interior, "fd", ["em"], 1.0)
     flow = next(s for s in saving if s["prior"] == "flow")
     assert flow["reached"] and flow["nfe"] == 21 and flow["saving"] == pytest.approx(1 - 21 / 101)

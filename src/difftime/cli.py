@@ -82,6 +82,13 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from difftime.distributed import session
+
+    with session(args.device) as device:  # under torchrun: one rank of a DDP group
+        return _train(args, device)
+
+
+def _train(args: argparse.Namespace, device: str) -> int:
     from difftime.config import DEFAULTS, build_config, merge, validate
     from difftime.data import load_data
     from difftime.io import read_json_file
@@ -107,18 +114,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = build_config(args.preset, args.config, _train_overrides(args))
 
     dataset = load_data(config["data"], seed=config["seed"])
-    trainer = Trainer(config, dataset, device=args.device)
+    trainer = Trainer(config, dataset, device=device)
+    main = trainer.rank == 0
     if args.resume:
         trainer.load(out)
-        print(f"resuming {out} at step {trainer.step} of {config['train']['steps']}", file=sys.stderr)
-    else:
+        if main:
+            print(f"resuming {out} at step {trainer.step} of {config['train']['steps']}", file=sys.stderr)
+    elif main:
         out.mkdir(parents=True, exist_ok=True)
         trainer.write_config(out)
     start = time.perf_counter()
     last = trainer.fit(out, progress=not args.no_progress)
     params = sum(p.numel() for p in trainer.model.parameters())
-    print(json.dumps({"run": str(out), "step": trainer.step, "last_loss": last.get("loss"),
-                      "params": params, "wall_s": round(time.perf_counter() - start, 2)}))
+    if main:
+        print(json.dumps({"run": str(out), "step": trainer.step, "last_loss": last.get("loss"),
+                          "params": params, "processes": trainer.world,
+                          "wall_s": round(time.perf_counter() - start, 2)}))
     return 0
 
 
@@ -127,7 +138,15 @@ def _horizon(run, T: float | None) -> tuple[float, float]:
 
 
 def cmd_fit_prior(args: argparse.Namespace) -> int:
+    from difftime.distributed import session
+
+    with session("cpu"):  # under torchrun: gradients averaged across ranks, rank 0 saves
+        return _fit_prior(args)
+
+
+def _fit_prior(args: argparse.Namespace) -> int:
     from difftime.data import load_data
+    from difftime.distributed import is_main
     from difftime.io import load_run
     from difftime.priors import fit_run_prior, prior_dir
 
@@ -150,8 +169,9 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
     _, fit = fit_run_prior(run.path, run.sde, run.shape, args.prior, T, dataset, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress,
                            **options)
-    print(json.dumps({"prior": str(directory), "family": args.prior, "T": T, "test_nll_nats": fit["test_nll"],
-                      "steps": fit["steps"], "seconds": round(fit.get("seconds", 0.0), 2)}))
+    if is_main():
+        print(json.dumps({"prior": str(directory), "family": args.prior, "T": T, "test_nll_nats": fit["test_nll"],
+                          "steps": fit["steps"], "seconds": round(fit.get("seconds", 0.0), 2)}))
     return 0
 
 

@@ -2,17 +2,38 @@
 
 All log-likelihoods are in nats per example, for x in model space. ``bits_per_dim`` turns them
 into bits/dim of the original discrete data using the dequantization facts the scaler recorded.
+Every estimator here runs in float32 with autocast switched off, also inside a caller's bf16
+autocast (training's mixed precision never reaches a likelihood).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from difftime.sde import SDE
+
+F = TypeVar("F", bound=Callable)
+
+
+def full_precision(fn: F) -> F:
+    """Run ``fn`` with CPU and CUDA autocast disabled, so a caller's bf16 region cannot lower its precision."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def bits_per_dim(log_likelihood_nats: Tensor | float, d: int, levels: int | None, a: float) -> Tensor | float:
@@ -45,6 +66,7 @@ class ElboTerms:
     total_se: Tensor
 
 
+@full_precision
 def elbo(
     model: nn.Module,
     sde: SDE,
@@ -118,6 +140,7 @@ def _divergence_exact(f: Tensor, x: Tensor) -> Tensor:
     return div
 
 
+@full_precision
 def ode_flow(
     model: nn.Module,
     sde: SDE,
@@ -177,6 +200,7 @@ def ode_flow(
     return xs[-1], divs[-1], nfe
 
 
+@full_precision
 def ode_log_likelihood(
     model: nn.Module,
     sde: SDE,

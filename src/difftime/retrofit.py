@@ -74,6 +74,14 @@ class DDPMSchedule:
         cum = torch.cumsum(-torch.log1p(-self.betas()), 0)
         return torch.cat([cum.new_zeros(1), cum])
 
+    def step_times(self) -> Tensor:
+        """The continuous t of each training step i = 0..N-1, where m(t)^2 = alphas_cumprod[i] exactly.
+
+        The inverse of :meth:`DiffusersEps.timestep` at integer steps: it lets a diffusers scheduler
+        drive a continuous-time difftime network (float64).
+        """
+        return self.sde().B_inverse(self.neg_log_alphas_cumprod()[1:])
+
     def sde(self) -> VPSDE:
         n = self.num_train_timesteps
         return VPSDE(b0=n * self.beta_start, b1=n * self.beta_end, T_max=1.0, eps=1.0 / n)

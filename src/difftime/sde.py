@@ -100,10 +100,11 @@ class SDE(ABC):
         return T, eps
 
     def marginal_sample(
-        self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None
+        self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None, z: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Draw x_t = m(t) x0 + sigma(t) z; returns (x_t, z)."""
-        z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        """Draw x_t = m(t) x0 + sigma(t) z, with z from ``generator`` unless given; returns (x_t, z)."""
+        if z is None:
+            z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         xt = broadcast_to(self.m(t), x0) * x0 + broadcast_to(self.sigma(t), x0) * z
         return xt, z
 

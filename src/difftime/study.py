@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from difftime.errors import DifftimeError
@@ -178,6 +179,23 @@ class Study:
         save_json(record_path, record)
         return record
 
+    def _data_floor(self, dataset) -> dict[str, Any]:
+        """The quality metrics of real training examples, as many as each cell samples: the best
+        score a perfect model could get at this sample size, so smaller differences are not resolved."""
+        from difftime.io import read_json_file, save_json
+        from difftime.metrics import quality_metrics
+
+        path = self.out / "data_floor.json"
+        if path.is_file():
+            return read_json_file(path, "data floor")
+        n = min(self.settings["n_samples"], len(dataset.train))
+        real = dataset.train[torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(
+            self.config["seed"]))[:n]]
+        floor = quality_metrics(real.numpy(), dataset.name, quality_metric_names(self.settings, dataset.is_image),
+                                reference_split="test", seed=self.config["seed"], progress=False)
+        save_json(path, floor)
+        return floor
+
     # --- one cell ----------------------------------------------------------------------------
     def _prior(self, run, family: str, T: float, dataset) -> tuple[Any, dict[str, Any]]:
         """The run's prior at T: loaded when already fitted, fitted and stored otherwise."""
@@ -286,6 +304,7 @@ class Study:
                     T_train = self.config["train"]["T"] if s["mode"] == "truncate" else T
                     training[str(run_dir)] = self._train(run_dir, T_train, dataset)
 
+        floor = self._data_floor(dataset)
         T_ref = max(s["T_grid"])
         sweep = sorted({steps_for_horizon(T, s["steps_per_unit_time"]) for T in s["T_grid"] if T < T_ref})
         cells = [(T, family) for T in s["T_grid"] for family in s["priors"]]
@@ -313,7 +332,7 @@ class Study:
                     bar.update(1)
         results = [by_cell[key] for key in cells]
         summary = {"config": self.config, "settings": s, "run": self.pretrained, "training": training,
-                   "cells": results, "T_ref": T_ref, "n_cells": len(cells),
+                   "data_floor": floor, "cells": results, "T_ref": T_ref, "n_cells": len(cells),
                    "wall_s_this_invocation": time.perf_counter() - start_all}
         write_report(summary, self.out)
         return summary

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -14,10 +15,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from difftime import __version__
+from difftime import __version__, distributed
 from difftime.config import net_config, sde_config
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
@@ -73,9 +75,13 @@ def dsm_loss(
     t: Tensor,
     weight: Tensor,
     generator: torch.Generator | None = None,
+    z: Tensor | None = None,
 ) -> Tensor:
-    """Per-example weighted eps-matching loss, averaged over dimensions; shape (B,)."""
-    xt, z = sde.marginal_sample(x0, t, generator)
+    """Per-example weighted eps-matching loss, averaged over dimensions; shape (B,).
+
+    The noise ``z`` is drawn from ``generator`` unless given.
+    """
+    xt, z = sde.marginal_sample(x0, t, generator, z)
     eps_hat = model(xt, t).float()
     return weight * (eps_hat - z).pow(2).flatten(1).mean(1)
 
@@ -101,6 +107,14 @@ class Trainer:
     resumed run continues the same random stream as an uninterrupted one. A step with a
     non-finite loss or gradient changes no weights; ``train.skip_nonfinite`` such steps are
     skipped (they still consume their batch and noise, so resume stays exact), one more stops.
+
+    Under torchrun (see :mod:`difftime.distributed`) ``train.batch_size`` is the global batch:
+    every rank draws the same data order and dequantization and trains on its slice, with its
+    own noise stream (``train.ddp_noise = "per-rank"``; rank 0's is the one-process stream) or
+    with its slice of one shared stream (``"shared"``: the same computation as one process, at
+    the cost of every rank drawing the whole batch's noise). DDP averages the gradients, so the
+    model, optimizer and EMA are identical on every rank; rank 0 writes logs and checkpoints,
+    which hold every rank's RNG states.
     """
 
     def __init__(self, config: dict[str, Any], dataset: Dataset, device: str = "cpu") -> None:
@@ -117,6 +131,16 @@ class Trainer:
         self.model = net_from_config(self.net_config).to(self.device)
         if tr["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.shared_noise = tr["ddp_noise"] == "shared"
+        if min(tr["batch_size"], len(dataset.train)) % self.world:
+            raise DifftimeError(
+                f"train.batch_size={min(tr['batch_size'], len(dataset.train))} is the global batch and must split "
+                f"evenly across the {self.world} processes"
+            )
+        # DDP all-reduces the gradients in backward; the EMA and checkpoints use the bare module.
+        self.net = self.model if self.world == 1 else DistributedDataParallel(
+            self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.ema = AveragedModel(
             self.model, multi_avg_fn=get_ema_multi_avg_fn(tr["ema_decay"]), use_buffers=True
         )
@@ -124,13 +148,22 @@ class Trainer:
             self.model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"]
         )
         self.data_gen = torch.Generator().manual_seed(seed + 1)
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 2)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed(self.rank))
+        if self.rank:  # dropout masks differ across ranks too; rank 0 keeps the one-process stream
+            torch.manual_seed(self._noise_seed(self.rank) + 1)
         self.train_data = dataset.train
         self.order = torch.randperm(len(self.train_data), generator=self.data_gen)
         self.position = 0
         self.step = 0
         self.skipped: list[int] = []
         self.saved_step: int | None = None
+
+    def _noise_seed(self, rank: int) -> int:
+        if rank == 0 or self.shared_noise:
+            return self.config["seed"] + 2
+        from difftime.priors.fit import stream_seed
+
+        return stream_seed(self.config["seed"] + 2, rank)
 
     # --- one step ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -144,7 +177,8 @@ class Trainer:
         idx = self.order[self.position : self.position + bs]
         self.position += bs
         raw = self.train_data[idx]
-        x0 = self.dataset.scaler.encode(raw, generator=self.data_gen).to(self.device)
+        # The whole global batch is dequantized on every rank, which keeps data_gen in step everywhere.
+        x0 = distributed.shard(self.dataset.scaler.encode(raw, generator=self.data_gen)).to(self.device)
         if self.tr["channels_last"] and x0.dim() == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         return x0
@@ -152,10 +186,15 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One step; with a non-finite loss or gradient norm the model, EMA and optimizer stay as they were."""
         x0 = self.next_batch()
+        draws = len(x0) * (self.world if self.shared_noise else 1)
         t, weight = sample_time(
-            self.sde, len(x0), self.T, self.eps, self.tr["weighting"],
+            self.sde, draws, self.T, self.eps, self.tr["weighting"],
             self.tr["importance_sampling"], self.noise_gen, self.device,
         )
+        z = None
+        if self.shared_noise:
+            t, weight = distributed.shard(t), distributed.shard(weight)
+            z = distributed.shard(torch.randn((draws, *x0.shape[1:]), generator=self.noise_gen, device=self.device))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         autocast = (
@@ -163,13 +202,14 @@ class Trainer:
             if self.tr["bf16"] else contextlib.nullcontext()
         )
         with autocast:
-            loss = dsm_loss(self.model, self.sde, x0, t, weight, self.noise_gen).mean()
+            loss = dsm_loss(self.net, self.sde, x0, t, weight, self.noise_gen, z).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.tr["grad_clip"] or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.step += 1
-        out = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        # The global loss, so every rank takes the same skip decision and rank 0 logs the global figure.
+        out = {"loss": distributed.mean(loss.detach()).item(), "grad_norm": grad_norm.item()}
         if math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"]):
             self.optimizer.step()
             self.ema.update_parameters(self.model)
@@ -190,17 +230,20 @@ class Trainer:
                 "lower train.lr, set train.grad_clip, or set train.skip_nonfinite=K to skip up to K such steps"
             )
         self.skipped.append(self.step)
-        tqdm.write(f"difftime: skipped step {self.step}: non-finite {what} ({value}); "
-                   f"{len(self.skipped)} of train.skip_nonfinite={budget} used", file=sys.stderr)
+        if self.rank == 0:
+            tqdm.write(f"difftime: skipped step {self.step}: non-finite {what} ({value}); "
+                       f"{len(self.skipped)} of train.skip_nonfinite={budget} used", file=sys.stderr)
 
     # --- the loop ------------------------------------------------------------------------
     def fit(self, run_dir: str | Path, progress: bool = True) -> dict[str, float]:
-        """Train until ``train.steps``, logging and checkpointing into ``run_dir``."""
+        """Train until ``train.steps``, logging and checkpointing into ``run_dir`` (rank 0 writes)."""
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.rank == 0
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
         total = self.tr["steps"]
-        log_path = run_dir / "metrics.jsonl"
-        bar = tqdm(total=total, initial=self.step, disable=not progress, desc="train",
+        log_path = run_dir / "metrics.jsonl" if main else os.devnull
+        bar = tqdm(total=total, initial=self.step, disable=not (progress and main), desc="train",
                    unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5.0)
         last: dict[str, float] = {}
         window: list[float] = []
@@ -259,12 +302,19 @@ class Trainer:
         """Write checkpoints/step-N/, then replace the top-level copy, then keep the newest K folders."""
         run_dir = Path(run_dir)
         self._check_finite_weights(run_dir)
+        ranks = distributed.gather((self.noise_gen.get_state(), torch.get_rng_state()))
+        if ranks is None:  # not rank 0: these RNG states travel in rank 0's checkpoint
+            self.saved_step = self.step
+            distributed.barrier()
+            return
         state: dict[str, Tensor] = {
             "rng.data": self.data_gen.get_state(),
             "rng.noise": self.noise_gen.get_state(),
             "rng.torch": torch.get_rng_state(),
             "data.order": self.order,
         }
+        for r, (noise, rng) in enumerate(ranks[1:], start=1):
+            state[f"rng.noise.rank{r}"], state[f"rng.torch.rank{r}"] = noise, rng
         opt = self.optimizer.state_dict()
         for idx, slots in opt["state"].items():
             for name, value in slots.items():
@@ -280,6 +330,7 @@ class Trainer:
             "ema_n_averaged": int(self.ema.n_averaged.item()),
             "optim_param_groups": opt["param_groups"],
             "skipped_steps": self.skipped,
+            "world_size": self.world,
             "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
         }
         _write_checkpoint(checkpoint_dir(run_dir, self.step), files, meta)
@@ -290,6 +341,7 @@ class Trainer:
         self.saved_step = self.step
         for old in saved_checkpoints(run_dir)[: -self.tr["keep_checkpoints"]]:
             _remove_checkpoint(old)
+        distributed.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 
     def load(self, run_dir: str | Path) -> None:
         """Resume from the newest complete checkpoint of ``run_dir``; every file must match its state.json.
@@ -309,6 +361,16 @@ class Trainer:
         if source is not None:
             meta = self._restore(source)
             self.saved_step = self.step
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 tidies the folder
+        if self.rank:
+            return
+        if source is not None:
+            saved_world = meta.get("world_size", 1)
+            if saved_world != self.world:
+                print(f"difftime: resuming a checkpoint written by {saved_world} process(es) on {self.world}; "
+                      + ("the shared noise stream continues unchanged" if self.shared_noise else
+                         "per-rank noise streams follow the process count, so the run continues, but not "
+                         f"bitwise as it would have on {saved_world}"), file=sys.stderr)
             if source != run_dir:
                 (run_dir / "state.json").unlink(missing_ok=True)
                 _write_checkpoint(run_dir, {name: (source / name).read_bytes() for name in CHECKPOINT_FILES}, meta)
@@ -338,8 +400,11 @@ class Trainer:
                     slots.setdefault(int(idx), {})[name] = value.to(self.device)
             self.optimizer.load_state_dict({"state": slots, "param_groups": meta["optim_param_groups"]})
             self.data_gen.set_state(state["rng.data"])
-            self.noise_gen.set_state(state["rng.noise"])
-            torch.set_rng_state(state["rng.torch"])
+            noise_key = "rng.noise" if self.shared_noise or not self.rank else f"rng.noise.rank{self.rank}"
+            torch_key = f"rng.torch.rank{self.rank}" if self.rank else "rng.torch"
+            for key, restore in ((noise_key, self.noise_gen.set_state), (torch_key, torch.set_rng_state)):
+                if key in state or not self.rank:  # a rank the saving run lacked keeps its fresh streams
+                    restore(state[key])
             self.order = state["data.order"]
             self.position = int(meta["data_position"])
             self.step = int(meta["step"])

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from difftime import distributed
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
 from difftime.priors.base import Prior
@@ -110,6 +111,7 @@ def fit_run_prior(run_path: str | Path, sde: SDE, shape: tuple[int, ...], family
                     checkpoint=directory.with_name(f".{directory.name}.partial"))
     extra = {"fit": fit, "data": dataset.name, "seed": seed, "options": options,
              "test_nll_bits_per_dim_of_x_T": fit["test_nll"] / (math.prod(shape) * math.log(2))}
-    save_prior(prior, directory, extra=json.loads(json.dumps(extra, default=str)))
+    if distributed.is_main():  # under torchrun every rank holds the same fitted prior
+        save_prior(prior, directory, extra=json.loads(json.dumps(extra, default=str)))
     prior.eval()
     return prior, fit

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from difftime import distributed
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
 from difftime.io import atomic_write_bytes, encode_tensors, load_tensors, read_checked_json, save_checked_json
@@ -137,6 +138,10 @@ def fit_prior(
     With ``checkpoint``, the whole fitting state is saved in that folder at every evaluation, a
     call with the same prior (initial weights) and arguments resumes from it, and it is removed
     once fitting ends. A folder left by different arguments is ignored and overwritten.
+
+    Under torchrun every rank draws the same global batch and fits on its slice, with the
+    gradients averaged across ranks: the same computation as one process, whatever the process
+    count. Rank 0 alone writes the checkpoint.
     """
     T = _check(prior, sde, T, dataset)
     for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 1), ("eval_every", eval_every, 1),
@@ -163,6 +168,7 @@ def fit_prior(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    distributed.broadcast(prior.state_dict().values())  # the ranks must start from the same weights
     best_state = {k: v.detach().clone() for k, v in prior.state_dict().items()}
     best_step, bad_evals, step = 0, 0, 0
     running, n_running, skipped = 0.0, 0, 0
@@ -185,16 +191,18 @@ def fit_prior(
     try:
         while step < int(steps):
             idx = torch.randint(n_train, (int(batch_size),), generator=gen)
-            xt = marginal_batch(sde, T, dataset, dataset.train[idx], gen).to(device)
+            xt = distributed.shard(marginal_batch(sde, T, dataset, dataset.train[idx], gen)).to(device)
             loss = -prior.log_prob(xt).mean()
             opt.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
+            global_loss = distributed.mean(loss.detach())  # one skip decision on every rank
+            finite = bool(torch.isfinite(global_loss))
             if finite:
                 loss.backward()
+                distributed.average_gradients(params)
                 finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
             if finite:
                 opt.step()
-                running += float(loss.detach())
+                running += float(global_loss)
                 n_running += 1
             else:  # no update: NaN/Inf must never reach the weights
                 skipped += 1
@@ -219,7 +227,7 @@ def fit_prior(
                 bar.set_postfix(test_nll=f"{test:.3f}", best=f"{best:.3f}")
                 if bad_evals >= int(patience):
                     break
-                if checkpoint is not None:
+                if checkpoint is not None and distributed.is_main():
                     _save_fit_state(checkpoint, key, prior, best_state, opt, sched, gen, {
                         "best": best, "best_step": best_step, "bad_evals": bad_evals, "step": step,
                         "skipped": skipped, "history": history})
@@ -227,7 +235,7 @@ def fit_prior(
         bar.close()
         prior.load_state_dict(best_state)
         prior.eval()
-    if checkpoint is not None:
+    if checkpoint is not None and distributed.is_main():
         shutil.rmtree(checkpoint, ignore_errors=True)
     return {"test_nll": best, "history": history, "steps": step, "best_step": best_step,
             "seconds": time.perf_counter() - start}
