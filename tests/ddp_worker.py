@@ -28,13 +28,15 @@ def main(out: Path, overrides: dict) -> None:
         config = build_config(overrides=overrides)
         data = load_data(config["data"], seed=config["seed"])
         result = {}
+
+        def with_train(**train) -> dict:
+            return build_config(overrides={**overrides, "train": {**overrides["train"], **train}})
+
         for mode in ("per-rank", "shared"):
-            trainer = Trainer(build_config(overrides={**overrides, "train": {**overrides["train"], "ddp_noise": mode}}),
-                              data)
+            trainer = Trainer(with_train(ddp_noise=mode), data)
             trainer.fit(out / mode, progress=False)
             result[mode] = digest(trainer)
-        steps = config["train"]["steps"]
-        half = Trainer(build_config(overrides={**overrides, "train": {**overrides["train"], "steps": steps // 2}}), data)
+        half = Trainer(with_train(steps=config["train"]["steps"] // 2), data)
         half.fit(out / "resumed", progress=False)
         resumed = Trainer(config, data)
         resumed.load(out / "resumed")

@@ -61,7 +61,9 @@ def test_every_artifact_is_written(digits_study):
 def test_numbers_are_consistent(digits_study):
     r = _results(digits_study)
     assert len(r["cells"]) == 6
-    assert r["data_floor"]["n_samples"] == 64 and math.isfinite(r["data_floor"]["fd"]["value"])
+    floor = r["data_floor"]
+    assert floor["n_samples"] == 64 and len(floor["subsets"]) == 3  # 1,497 training digits hold 3 disjoint subsets
+    assert all(math.isfinite(q["fd"]["value"]) for q in floor["subsets"])
     d = 64
     for cell in r["cells"]:
         e, nll = cell["likelihood"]["elbo"], cell["likelihood"]["nll"]
@@ -189,7 +191,9 @@ def test_claims_follow_the_numbers():
     text = claims(interior, "fd", ["em"], 1.0, "per-T")
     assert "finite best T: HELD" in text[0] and "best T by ELBO is 0.6" in text[0]
     assert "competitive in likelihood: HELD" in text[1]
-    assert "sample quality (em, NFE proportional to T): HELD" in text[2]
+    assert "sample quality (em, NFE proportional to T): HELD." in text[2]  # 9 vs 10, no noise figure given
+    assert "sample quality (em, NFE proportional to T): HELD WITHIN NOISE" in claims(
+        interior, "fd", ["em"], 1.0, "per-T", floor=(2.0, 1.0))[2]  # 9 vs 10 with an sd of 1 is not resolved
     assert "in proportion to T: HELD" in text[3]
     monotone = [_cell(0.2, "standard", 6.0, 3.0, 1.0, 30.0, 20), _cell(1.0, "standard", 4.0, 0.5, 3.0, 10.0, 100),
                 _cell(0.2, "flow", 4.5, 1.2, 1.0, 11.0, 20)]

@@ -179,9 +179,10 @@ class Study:
         save_json(record_path, record)
         return record
 
-    def _data_floor(self, dataset) -> dict[str, Any]:
-        """The quality metrics of real training examples, as many as each cell samples: the best
-        score a perfect model could get at this sample size, so smaller differences are not resolved."""
+    def _data_floor(self, dataset, subsets: int = 3) -> dict[str, Any]:
+        """Real training examples scored like samples, as many per subset as each cell samples: the
+        best a perfect model can score at this sample size, and, over disjoint subsets, how much a
+        score moves from one draw to the next."""
         from difftime.io import read_json_file, save_json
         from difftime.metrics import quality_metrics
 
@@ -189,10 +190,12 @@ class Study:
         if path.is_file():
             return read_json_file(path, "data floor")
         n = min(self.settings["n_samples"], len(dataset.train))
-        real = dataset.train[torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(
-            self.config["seed"]))[:n]]
-        floor = quality_metrics(real.numpy(), dataset.name, quality_metric_names(self.settings, dataset.is_image),
-                                reference_split="test", seed=self.config["seed"], progress=False)
+        order = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(self.config["seed"]))
+        names = quality_metric_names(self.settings, dataset.is_image)
+        scores = [quality_metrics(dataset.train[order[k * n:(k + 1) * n]].numpy(), dataset.name, names,
+                                  reference_split="test", seed=self.config["seed"], progress=False)
+                  for k in range(max(1, min(subsets, len(dataset.train) // n)))]
+        floor = {"n_samples": n, "subsets": scores}
         save_json(path, floor)
         return floor
 

@@ -187,7 +187,7 @@ def fit_prior(
     device = _device(prior)
     prior.train()
     bar = tqdm(total=int(steps), initial=step, desc=f"fit {getattr(prior, 'family', 'prior')} T={T:g}",
-               disable=not progress, leave=False)
+               disable=not (progress and distributed.is_main()), leave=False)
     try:
         while step < int(steps):
             idx = torch.randint(n_train, (int(batch_size),), generator=gen)
