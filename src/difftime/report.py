@@ -87,7 +87,7 @@ def data_floor(floor: dict[str, Any] | None) -> tuple[dict[str, float], dict[str
     subsets = [_quality_columns({"quality": q}) for q in (floor or {}).get("subsets", [])]
     if not subsets:
         return {}, {}
-    keys = [k for k in subsets[0] if all(k in q for q in subsets)]
+    keys = [k for k in subsets[0] if all(k in q for q in subsets) and not k.endswith(("_std", "_se"))]
     mean = {k: float(np.mean([q[k] for q in subsets])) for k in keys}
     sd = {k: float(np.std([q[k] for q in subsets], ddof=1)) for k in keys} if len(subsets) > 1 else {}
     return mean, sd
@@ -223,6 +223,7 @@ def claims(cells: list[dict[str, Any]], metric: str | None, samplers: list[str],
 
 # --- plots -----------------------------------------------------------------------------------------
 def _plots(summary: dict[str, Any], out: Path, metric: str | None) -> list[tuple[str, str]]:
+    floor_mean, floor_sd = data_floor(summary.get("data_floor"))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +237,7 @@ def _plots(summary: dict[str, Any], out: Path, metric: str | None) -> list[tuple
     written = []
 
     # ELBO and PF-ODE bits/dim against T, then the decomposition per prior.
-    fig, axes = plt.subplots(1, 1 + len(priors), figsize=(4.2 * (1 + len(priors)), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.0), squeeze=False)
     ax = axes[0, 0]
     for p in priors:
         mine = sorted((c for c in cells if c["prior"] == p), key=lambda c: c["T"])
@@ -252,22 +253,39 @@ def _plots(summary: dict[str, Any], out: Path, metric: str | None) -> list[tuple
     ax.set_title("negative ELBO and exact NLL")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    for ax, p in zip(axes[0, 1:], priors, strict=False):
+    # The decomposition: the prior term is where the priors differ; the score term I and the
+    # constant -R both diverge as eps -> 0 and are drawn as their finite sum, which every prior shares.
+    ax = axes[0, 1]
+    for p in priors:
         mine = sorted((c for c in cells if c["prior"] == p), key=lambda c: c["T"])
-        Ts = [c["T"] for c in mine]
-        terms = [("prior_bpd", "prior term -P"), ("score_bpd", "score term I"),
-                 ("constant_bpd", "constant -R"), ("bpd", "total (+ dequantization)")]
-        for (key, label), style in zip(terms, ("-o", "-^", ":", "-s"), strict=False):
-            ax.plot(Ts, [c["likelihood"]["elbo"][key] for c in mine], style, label=label)
-        ax.axhline(0, color="gray", linewidth=0.6)
-        ax.set_xlabel("diffusion time T")
-        ax.set_title(f"ELBO decomposition, {p} prior")
-        ax.set_ylabel("bits/dim contribution")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        ax.plot([c["T"] for c in mine], [c["likelihood"]["elbo"]["prior_bpd"] for c in mine], "-o", color=colors[p],
+                label=f"prior term -P, {p}")
+    mine = sorted((c for c in cells if c["prior"] == priors[0]), key=lambda c: c["T"])
+    ax.plot([c["T"] for c in mine], [c["likelihood"]["elbo"]["score_bpd"] + c["likelihood"]["elbo"]["constant_bpd"]
+                                     for c in mine], "k--^", label="score term + constant, I - R")
+    ax.set_xlabel("diffusion time T")
+    ax.set_ylabel("bits/dim contribution")
+    ax.set_title("ELBO decomposition")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax = axes[0, 2]
+    for p in priors:
+        mine = sorted((c for c in cells if c["prior"] == p and "prior_improvement" in c["likelihood"]),
+                      key=lambda c: c["T"])
+        if mine:
+            ax.errorbar([c["T"] for c in mine], [c["likelihood"]["prior_improvement"]["nats"] for c in mine],
+                        yerr=[c["likelihood"]["prior_improvement"]["se"] for c in mine], color=colors[p], marker="o",
+                        capsize=3, label=f"{p}: E log nu - E log N")
+    ax.axhline(0, color="gray", linewidth=0.6)
+    ax.set_xlabel("diffusion time T")
+    ax.set_ylabel("nats per example")
+    ax.set_title("measured lower bound on KL(p_T || N)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out / "elbo_vs_T.png")
-    written.append(("elbo_vs_T.png", "ELBO and PF-ODE bits/dim against T, and the ELBO decomposition per prior"))
+    written.append(("elbo_vs_T.png", "ELBO and PF-ODE bits/dim against T, the ELBO decomposition, and the "
+                                     "measured prior mismatch"))
 
     if metric is not None:
         samplers = s["samplers"]
@@ -279,9 +297,6 @@ def _plots(summary: dict[str, Any], out: Path, metric: str | None) -> list[tuple
                        if (r := _proportional(c, sampler))]
                 ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "-o", color=colors[p],
                         label=f"{p}, NFE proportional to T")
-                for x, y, T in pts:
-                    ax.annotate(f"T={T:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                                color=colors[p])
                 fixed = [(r["nfe"], r["quality"][metric]["value"]) for c in mine for r in c["sampling"]
                          if r["sampler"] == sampler and r["budget"] == "fixed"]
                 ax.scatter([x for x, _ in fixed], [y for _, y in fixed], facecolors="none", edgecolors=colors[p],
@@ -292,9 +307,18 @@ def _plots(summary: dict[str, Any], out: Path, metric: str | None) -> list[tuple
                               if r["sampler"] == sampler)
                 ax.plot([x for x, _ in line], [y for _, y in line], "k:", marker="x",
                         label=f"T={summary['T_ref']:g} standard, fewer steps")
+            if metric in floor_mean:
+                low, high = floor_mean[metric] - floor_sd.get(metric, 0), floor_mean[metric] + floor_sd.get(metric, 0)
+                ax.axhspan(max(low, 1e-9), high, color="gray", alpha=0.2, label="real data, mean +- sd")
+            # Every prior spends the same NFE at a given T: name the horizons once, on the top axis.
+            top = ax.twiny()
+            top.set_xlim(ax.get_xlim())
+            marks = sorted({(r["nfe"], c["T"]) for c in cells if (r := _proportional(c, sampler))})
+            top.set_xticks([x for x, _ in marks], [f"T={T:g}" for _, T in marks], fontsize=7)
+            ax.set_yscale("log")
             ax.set_xlabel("NFE per sample")
-            ax.set_ylabel(f"{metric.upper()} (lower is better)")
-            ax.set_title(f"quality against cost, {sampler}")
+            ax.set_ylabel(f"{metric.upper()} (lower is better, log scale)")
+            ax.set_title(f"quality against cost, {sampler} (top: NFE proportional to T)", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()

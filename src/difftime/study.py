@@ -95,6 +95,14 @@ def quality_metric_names(settings: dict[str, Any], is_image: bool) -> tuple[str,
     return tuple(chosen)
 
 
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted config keys whose values differ between two configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
 def cell_name(T: float, prior: str) -> str:
     return f"T{T:g}-{prior}"
 
@@ -129,13 +137,8 @@ class Study:
             for key in GRID_KEYS:
                 old["study"].pop(key, None)
                 new["study"].pop(key, None)
-            if old != new or saved.get("run") != self.pretrained:
-                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                if old.get("study") != new.get("study"):
-                    changed += sorted(f"study.{k}" for k in set(old["study"]) | set(new["study"])
-                                      if old["study"].get(k) != new["study"].get(k))
-                if saved.get("run") != self.pretrained:
-                    changed.append("--run")
+            changed = _changed_keys(old, new) + (["--run"] if saved.get("run") != self.pretrained else [])
+            if changed:
                 raise DifftimeError(
                     f"{self.out} holds a study with different settings ({', '.join(changed)}); only "
                     f"{' and '.join(GRID_KEYS)} may change on a rerun: use the same options or a new --out")
