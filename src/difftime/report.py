@@ -71,6 +71,16 @@ def _csv(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
+def _in_unit(cell: dict[str, Any], scale: float) -> dict[str, Any]:
+    """A copy of ``cell`` whose bits/dim figures are multiplied by ``scale`` (d ln 2 gives nats per example)."""
+    if scale == 1.0:
+        return cell
+    lk = cell["likelihood"]
+    elbo = {k: v * scale if k.endswith(("bpd", "bpd_se")) else v for k, v in lk["elbo"].items()}
+    nll = {k: v * scale if k in ("bpd", "bpd_se") else v for k, v in lk["nll"].items()}
+    return {**cell, "likelihood": {**lk, "elbo": elbo, "nll": nll}}
+
+
 def _f(x: float, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -139,7 +149,7 @@ def nfe_savings(cells: list[dict[str, Any]], metric: str, samplers: list[str], T
 
 
 def claims(cells: list[dict[str, Any]], metric: str | None, samplers: list[str], T_ref: float,
-           mode: str, floor: tuple[float, float | None] | None = None) -> list[str]:
+           mode: str, floor: tuple[float, float | None] | None = None, unit: str = "bits/dim") -> list[str]:
     """The paper's claims, each checked against this study's numbers, noise included."""
     lines = []
     std = sorted((c for c in cells if c["prior"] == "standard"), key=lambda c: c["T"])
@@ -151,12 +161,12 @@ def claims(cells: list[dict[str, Any]], metric: str | None, samplers: list[str],
         se = math.hypot(last["bpd_se"], best[1]["bpd_se"])
         if best[0] == e[-1][0]:
             verdict = "DID NOT HOLD"
-            where = (f"the ELBO is best at the largest T on the grid, T={best[0]:g} ({best[1]['bpd']:.3f} bits/dim), "
+            where = (f"the ELBO is best at the largest T on the grid, T={best[0]:g} ({best[1]['bpd']:.3f} {unit}), "
                      "so no finite optimum below it was seen")
         else:
             verdict = "HELD" if gap > 2 * se else "NOT RESOLVED"
-            where = (f"the best T by ELBO is {best[0]:g} ({best[1]['bpd']:.3f} bits/dim), and T={e[-1][0]:g} is "
-                     f"{gap:.3f} bits/dim worse (2 SE = {2 * se:.3f}"
+            where = (f"the best T by ELBO is {best[0]:g} ({best[1]['bpd']:.3f} {unit}), and T={e[-1][0]:g} is "
+                     f"{gap:.3f} {unit} worse (2 SE = {2 * se:.3f}"
                      f"{'' if gap > 2 * se else ', so the optimum is within noise of the largest T'})")
         kl = {}
         for c in cells:
@@ -184,7 +194,7 @@ def claims(cells: list[dict[str, Any]], metric: str | None, samplers: list[str],
         verdict = "HELD" if gap <= 0 else "HELD WITHIN NOISE" if gap <= 2 * se else "DID NOT HOLD"
         lines.append(f"**An auxiliary prior makes a short T competitive in likelihood: {verdict}.** The best "
                      f"short-horizon cell, T={best['T']:g} with the {best['prior']} prior, has an ELBO of "
-                     f"{b['bpd']:.3f} +- {b['bpd_se']:.3f} bits/dim against {ref_e['bpd']:.3f} +- "
+                     f"{b['bpd']:.3f} +- {b['bpd_se']:.3f} {unit} against {ref_e['bpd']:.3f} +- "
                      f"{ref_e['bpd_se']:.3f} at T={T_ref:g} with the standard prior (difference {gap:+.3f}, "
                      f"2 SE = {2 * se:.3f}).")
         sd = floor[1] if floor is not None else None
@@ -222,7 +232,7 @@ def claims(cells: list[dict[str, Any]], metric: str | None, samplers: list[str],
 
 
 # --- plots -----------------------------------------------------------------------------------------
-def _plots(summary: dict[str, Any], out: Path, metric: str | None) -> list[tuple[str, str]]:
+def _plots(summary: dict[str, Any], out: Path, metric: str | None, unit: str) -> list[tuple[str, str]]:
     floor_mean, floor_sd = data_floor(summary.get("data_floor"))
     import matplotlib
 
@@ -249,7 +259,7 @@ def _plots(summary: dict[str, Any], out: Path, metric: str | None) -> list[tuple
                     yerr=[c["likelihood"]["nll"]["bpd_se"] for c in mine], color=colors[p], marker="s",
                     linestyle="--", capsize=3, label=f"{p}: PF-ODE")
     ax.set_xlabel("diffusion time T")
-    ax.set_ylabel("bits/dim (lower is better)")
+    ax.set_ylabel(f"{unit} (lower is better)")
     ax.set_title("negative ELBO and exact NLL")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -264,7 +274,7 @@ def _plots(summary: dict[str, Any], out: Path, metric: str | None) -> list[tuple
     ax.plot([c["T"] for c in mine], [c["likelihood"]["elbo"]["score_bpd"] + c["likelihood"]["elbo"]["constant_bpd"]
                                      for c in mine], "k--^", label="score term + constant, I - R")
     ax.set_xlabel("diffusion time T")
-    ax.set_ylabel("bits/dim contribution")
+    ax.set_ylabel(f"{unit} contribution")
     ax.set_title("ELBO decomposition")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -284,7 +294,7 @@ def _plots(summary: dict[str, Any], out: Path, metric: str | None) -> list[tuple
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out / "elbo_vs_T.png")
-    written.append(("elbo_vs_T.png", "ELBO and PF-ODE bits/dim against T, the ELBO decomposition, and the "
+    written.append(("elbo_vs_T.png", f"ELBO and PF-ODE {unit} against T, the ELBO decomposition, and the "
                                      "measured prior mismatch"))
 
     if metric is not None:
@@ -365,14 +375,20 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     samplers = s["samplers"]
     floor_metrics, floor_sd = data_floor(summary.get("data_floor"))
     floor = (floor_metrics[metric], floor_sd.get(metric)) if metric and metric in floor_metrics else None
+    # Continuous data has no bits/dim: its likelihoods are shown in nats per example (DESIGN §3).
+    continuous = cells[0]["likelihood"]["levels"] is None
+    unit, short = ("nats/example", "nats") if continuous else ("bits/dim", "bpd")
+    scale = cells[0]["likelihood"]["dim"] * math.log(2) if continuous else 1.0
+    shown = [_in_unit(c, scale) for c in cells]
     analyses = {"primary_metric": metric, "best_T": best_T(cells, metric, samplers),
                 "nfe_savings": nfe_savings(cells, metric, samplers, summary["T_ref"]) if metric else [],
-                "claims": claims(cells, metric, samplers, summary["T_ref"], s["mode"], floor)}
+                "claims": claims(shown, metric, samplers, summary["T_ref"], s["mode"], floor, unit)}
     summary["analyses"] = analyses
     rows = flat_rows(cells)
     save_json(out / "results.json", summary)
     atomic_write_bytes(out / "results.csv", _csv(rows))
-    plots = _plots(summary, out, metric)
+    plots = _plots({**summary, "cells": shown}, out, metric, unit)
+    cells = shown
 
     first = cells[0]["likelihood"]
     md = [f"# How much diffusion time is enough? A difftime study on `{config['data']}`", ""]
@@ -392,7 +408,7 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
               f"round({s['steps_per_unit_time']} x T) steps (NFE proportional to T) and {s['fixed_steps']} fixed "
               f"steps.")
     md.append("")
-    md.append("## Likelihood (bits/dim, lower is better)")
+    md.append(f"## Likelihood ({unit}, lower is better)")
     md.append("")
     md.append("The ELBO column is the sum of its four parts: prior term (-P), score term (I), constant (-R) and "
               "the dequantization offset. KL >= is the measured prior improvement E log nu(x_T) - E log N(x_T), a "
@@ -406,8 +422,8 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
                       _f(e["score_bpd"]), _f(e["constant_bpd"]), _f(e["dequantization_bpd"]),
                       f"{_f(n['bpd'])} +- {_f(n['bpd_se'])}", f"{n['nfe_mean']:.0f}",
                       f"{kl['nats']:.2f} +- {kl['se']:.2f}" if kl else "-"])
-    md.append(_table(["T", "prior", "ELBO bpd", "prior term", "score term", "constant", "dequant.",
-                      "PF-ODE bpd", "ODE NFE", "KL(p_T||N) >="], lrows))
+    md.append(_table(["T", "prior", f"ELBO {short}", "prior term", "score term", "constant", "dequant.",
+                      f"PF-ODE {short}", "ODE NFE", "KL(p_T||N) >="], lrows))
     md.append("")
     if metric:
         md.append(f"## Sample quality ({metric.upper()} ranks; lower is better)")
@@ -442,12 +458,13 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     md.append("## Best T per prior")
     md.append("")
     brows = []
-    for b in analyses["best_T"]:
+    for b in best_T(cells, metric, samplers):
         quality = "; ".join(f"{k}: T={v['T']:g} ({metric.upper()} {v['value']:.3f}, NFE {v['nfe']})"
                             for k, v in b["quality"].items()) or "-"
         brows.append([b["prior"], f"{b['elbo_T']:g} ({b['elbo_bpd']:.3f})", f"{b['pfode_T']:g} ({b['pfode_bpd']:.3f})",
                       quality])
-    md.append(_table(["prior", "by ELBO (bpd)", "by PF-ODE (bpd)", "by quality, NFE proportional to T"], brows))
+    md.append(_table(["prior", f"by ELBO ({short})", f"by PF-ODE ({short})", "by quality, NFE proportional to T"],
+                     brows))
     md.append("")
     if analyses["nfe_savings"]:
         md.append(f"## NFE saving at equal quality against T={summary['T_ref']:g} with the standard prior")
