@@ -42,11 +42,11 @@ demo: venv
 	$(VENV)/bin/difftime study --preset digits --out $(DEMO_DIR)
 	@echo "demo: report in $(DEMO_DIR)/report.md, plots and results.json beside it"
 
+# The benchmark suite: benchmarks/results/*.json and BENCHMARKS.md. The first run trains the digits
+# preset into benchmarks/.cache/ (ignored); later runs reuse it. One thread keeps ratios stable on a
+# shared machine; BENCH_ARGS="--threads 2" or "--only peer_samplers" to change that.
 bench: venv
-	$(PY) benchmarks/train_step.py
-	$(PY) benchmarks/sampler_overhead.py
-	$(PY) benchmarks/likelihood.py
-	$(PY) benchmarks/metrics.py
+	$(PY) benchmarks/suite.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -2,7 +2,7 @@
 score_sde approach (scipy solve_ivp RK45, tensors moved to numpy at every evaluation, drift and
 divergence from separate network calls), on the same model, data, probe and tolerance.
 
-    python benchmarks/likelihood.py [--run RUN] [--n 64] [--tol 1e-5]
+    python benchmarks/likelihood.py [--run RUN] [--n 16] [--tol 1e-5]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import torch
-from common import digits_run, write_result
+from common import digits_run, row, standalone
 from scipy import integrate
 
 from difftime.likelihood import ode_log_likelihood
@@ -57,41 +57,40 @@ def score_sde_style(model, sde, x, T, eps, probe, rtol, atol):
     return StandardNormal().log_prob(z) + delta_logp, nfe
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run")
-    parser.add_argument("--n", type=int, default=64)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", help="a trained run dir (default: the cached digits preset model)")
+    parser.add_argument("--n", type=int, default=16, help="test images in the batch")
     parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--out", default="benchmarks/results/likelihood.json")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> dict:
     from difftime.data import load_data
 
-    run = digits_run(args.run)
+    model_run = digits_run(args.run)
     data = load_data("digits")
     gen = torch.Generator().manual_seed(0)
-    x = run.scaler.encode(data.test[: args.n], generator=gen)
+    x = model_run.scaler.encode(data.test[: args.n], generator=gen)
     probe = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(1)).float() * 2 - 1
-    T, eps = 1.0, run.sde.eps
+    T, eps = 1.0, model_run.sde.eps
 
     t0 = time.perf_counter()
-    ref, ref_nfe = score_sde_style(run.model, run.sde, x, T, eps, probe, args.tol, args.tol)
+    ref, ref_nfe = score_sde_style(model_run.model, model_run.sde, x, T, eps, probe, args.tol, args.tol)
     ref_wall = time.perf_counter() - t0
-
-    # Same probe: reuse the generator state that produced it.
+    # The same probe: a generator in the state that produced it.
+    probe_gen = torch.Generator().manual_seed(1)
     t0 = time.perf_counter()
-    ours, nfe, _ = ode_log_likelihood(run.model, run.sde, x, T, StandardNormal(), rtol=args.tol, atol=args.tol,
-                                      divergence="hutchinson", generator=torch.Generator().manual_seed(1))
+    ours, nfe, _ = ode_log_likelihood(model_run.model, model_run.sde, x, T, StandardNormal(), rtol=args.tol,
+                                      atol=args.tol, divergence="hutchinson", generator=probe_gen)
     wall = time.perf_counter() - t0
     gap = (ours - ref).abs().max().item()
     result = {"n": args.n, "tol": args.tol, "difftime_wall_s": wall, "difftime_nfe": nfe,
               "score_sde_wall_s": ref_wall, "score_sde_nfe": ref_nfe, "speedup": ref_wall / wall,
               "max_abs_logp_difference_nats": gap, "mean_logp_difftime": ours.mean().item(),
               "mean_logp_score_sde": ref.mean().item()}
-    print(f"difftime dopri5: {wall:.2f} s ({nfe} NFE); score_sde-style RK45: {ref_wall:.2f} s ({ref_nfe} NFE); "
-          f"speedup {ref_wall / wall:.2f}x; max |log p difference| {gap:.2e} nats "
-          f"(mean log p {ours.mean():.3f} vs {ref.mean():.3f})")
-    write_result(args.out, "likelihood", result)
+    rows = [row("likelihood", f"PF-ODE log p of {args.n} digits, tol {args.tol:g} (NFE {nfe} vs {ref_nfe})",
+                wall, ref_wall, "s", "difftime torchdiffeq dopri5", "score_sde-style scipy RK45")]
+    return {"run": str(model_run.path), "results": result, "rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    standalone("likelihood", add_arguments, run, __doc__.splitlines()[0])

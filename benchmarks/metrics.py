@@ -10,7 +10,9 @@ Measures, on MNIST:
     random features), the feature extraction of 20,000 images is EXTRAPOLATED from the
     measured throughput unless ``--full-fid`` is given.
 
-    python benchmarks/metrics.py [--inception-n 100] [--full-fid] [--out benchmarks/results/metrics.json]
+The table rows set the cheap metric (classifier FD) against the standard one (Inception FID).
+
+    python benchmarks/metrics.py [--inception-n 100] [--full-fid]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from common import write_result
+from common import row, standalone
 from threadpoolctl import threadpool_limits
 
 from difftime.data import load_data
@@ -56,12 +58,12 @@ def inception_throughput(images: torch.Tensor, threads: int) -> dict:
             "images_per_second": round(len(images) / dt, 2)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception-n", type=int, default=100, help="images to time Inception on")
     parser.add_argument("--full-fid", action="store_true", help="run the 10k-vs-10k Inception FID for real")
-    parser.add_argument("--out", default="benchmarks/results/metrics.json")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> dict:
     os.environ["DIFFTIME_CACHE"] = tempfile.mkdtemp(prefix="difftime-bench-cache-")  # cold cache
     default_threads = torch.get_num_threads()
     mnist = load_data("mnist")
@@ -136,8 +138,17 @@ def main() -> None:
               f"{args.inception_n} images at {best_ips} img/s)")
     res["inception_fid_10k_vs_10k"] = fid
     res["load_average_at_end"] = list(os.getloadavg())
-    write_result(args.out, "metrics", res)
+    best_classifier = max(r["images_per_second"] for r in res["classifier_features"])
+    fid_s = fid["wall_seconds"] if args.full_fid else fid["extrapolated_wall_seconds"]
+    how = "measured" if args.full_fid else f"extrapolated from {args.inception_n} images"
+    rows = [
+        row("metrics", "feature extraction, per 1,000 MNIST images", 1000 / best_classifier, 1000 / best_ips, "s",
+            "classifier (FD features)", f"Inception-v3 (FID features, measured on {args.inception_n})"),
+        row("metrics", "10k-vs-10k distance, cold reference cache", dt_cold, fid_s, "s", "classifier FD",
+            f"Inception FID ({how})"),
+    ]
+    return {"results": res, "rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    standalone("metrics", add_arguments, run, __doc__.splitlines()[0])

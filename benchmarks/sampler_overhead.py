@@ -1,6 +1,6 @@
-"""Sampler overhead: wall time / (NFE x one bare forward pass of the same batch), in one run.
-
-A ratio of 1.0 means the sampler costs nothing beyond its network calls.
+"""Sampler overhead: a sampler's wall time per network evaluation against one bare forward pass
+of the same batch, measured alternately in one run. A ratio of 1.0 means the sampler costs
+nothing beyond its network calls.
 
     python benchmarks/sampler_overhead.py [--run RUN] [--batch 256] [--steps 40]
 """
@@ -12,23 +12,25 @@ import statistics
 import time
 
 import torch
-from common import digits_run, write_result
+from common import digits_run, row, standalone
 
 from difftime.sampling import SAMPLERS
 
+NAMES = {"em": "Euler-Maruyama", "pc": "predictor-corrector", "euler": "PF-ODE Euler", "heun": "PF-ODE Heun"}
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="a trained run dir (default: train digits briefly)")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", help="a trained run dir (default: the cached digits preset model)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/sampler_overhead.json")
-    args = parser.parse_args()
-    run = digits_run(args.run)
-    model, sde = run.model, run.sde
+
+
+def run(args: argparse.Namespace) -> dict:
+    model_run = digits_run(args.run)
+    model, sde = model_run.model, model_run.sde
     gen = torch.Generator().manual_seed(0)
-    x_T = torch.randn(args.batch, *run.shape, generator=gen)
+    x_T = torch.randn(args.batch, *model_run.shape, generator=gen)
     t = torch.full((args.batch,), 0.5)
 
     def bare_forward() -> float:
@@ -39,25 +41,22 @@ def main() -> None:
             return (time.perf_counter() - t0) / 10
 
     bare_forward()
-    results = {}
-    for name in ("em", "pc", "euler", "heun"):
-        ratios, walls, fwd = [], [], []
+    results, rows = {}, []
+    for name in NAMES:
+        per_nfe, fwd = [], []
         for _ in range(args.repeats):
-            f = bare_forward()
+            before = bare_forward()
             t0 = time.perf_counter()
             _, nfe = SAMPLERS[name](model, sde, x_T, 1.0, sde.eps, args.steps, generator=gen)
-            wall = time.perf_counter() - t0
-            f = (f + bare_forward()) / 2
-            ratios.append(wall / (nfe * f))
-            walls.append(wall)
-            fwd.append(f)
-        ratio = statistics.median(ratios)
-        results[name] = {"nfe": nfe, "wall_s": statistics.median(walls), "forward_s": statistics.median(fwd),
-                         "overhead_ratio": ratio, "batch": args.batch, "steps": args.steps}
-        print(f"{name:6s} NFE {nfe:4d}  wall {statistics.median(walls):.3f} s  "
-              f"bare forward {1e3 * statistics.median(fwd):.2f} ms  ratio {ratio:.3f}", flush=True)
-    write_result(args.out, "sampler_overhead", results)
+            per_nfe.append((time.perf_counter() - t0) / nfe)
+            fwd.append((before + bare_forward()) / 2)  # the forward pass timed on both sides of the sampler
+        ours, bare = statistics.median(per_nfe), statistics.median(fwd)
+        results[name] = {"nfe": nfe, "s_per_nfe": ours, "forward_s": bare, "overhead_ratio": ours / bare,
+                         "batch": args.batch, "steps": args.steps}
+        rows.append(row("sampler overhead", f"{NAMES[name]}, {nfe} NFE, batch {args.batch}", ours * 1e3, bare * 1e3,
+                        "ms per network evaluation", f"difftime {name}", "bare forward pass"))
+    return {"run": str(model_run.path), "results": results, "rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    standalone("sampler_overhead", add_arguments, run, __doc__.splitlines()[0])

@@ -1,8 +1,9 @@
 """Training-step throughput: difftime's Trainer against a bare PyTorch loop, side by side.
 
 Both run in this one process on the same network (the digits preset's U-Net), the same data,
-the same DSM loss, AdamW, gradient clipping and EMA. They alternate in blocks so that drift in
-the machine's speed hits both alike; the ratio of median block times is the overhead.
+the same DSM loss, AdamW, gradient clipping and EMA, in fp32 and under bf16 autocast. They
+alternate in blocks so that drift in the machine's speed hits both alike; the ratio of median
+block times is the overhead.
 
     python benchmarks/train_step.py [--blocks 6] [--steps-per-block 25]
 """
@@ -10,13 +11,13 @@ the machine's speed hits both alike; the ratio of median block times is the over
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import row, standalone
 
 from difftime.config import build_config
 from difftime.data import load_data
@@ -66,37 +67,33 @@ def ours(config, data, run_dir):
 
     def block(n):
         trainer.tr["steps"] = trainer.step + n
-        trainer.fit(run_dir, progress=True)
+        trainer.fit(run_dir, progress=False)
 
     return block
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--steps-per-block", type=int, default=25)
-    parser.add_argument("--out", default="benchmarks/results/train_step.json")
-    args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    data = load_data("digits")
-    results = {}
-    import tempfile
 
+
+def run(args: argparse.Namespace) -> dict:
+    data = load_data("digits")
+    results, rows = {}, []
     for precision in ("fp32", "bf16"):
         config = build_config(preset="digits", overrides={"train": {"bf16": precision == "bf16",
-                                                                    "ckpt_every": 10**9,
-                                                                    "log_every": 25}})
+                                                                    "ckpt_every": 10**9, "log_every": 25}})
         with tempfile.TemporaryDirectory() as tmp:
-            run = ours(config, data, Path(tmp))
+            block = ours(config, data, Path(tmp))
             step = bare_loop(config, data)
-            run(5)
+            block(5)
             for _ in range(5):
                 step()
             ours_t, bare_t = [], []
             n = args.steps_per_block
             for _ in range(args.blocks):
                 t0 = time.perf_counter()
-                run(n)
+                block(n)
                 ours_t.append((time.perf_counter() - t0) / n)
                 t0 = time.perf_counter()
                 for _ in range(n):
@@ -104,16 +101,12 @@ def main() -> None:
                 bare_t.append((time.perf_counter() - t0) / n)
         o, b = statistics.median(ours_t), statistics.median(bare_t)
         results[precision] = {"difftime_s_per_step": o, "bare_s_per_step": b, "ratio": o / b,
-                              "batch_size": config["train"]["batch_size"],
-                              "blocks": args.blocks, "steps_per_block": n}
-        print(f"{precision}: difftime {o * 1e3:.1f} ms/step, bare loop {b * 1e3:.1f} ms/step, "
-              f"ratio {o / b:.3f} (overhead {100 * (o / b - 1):+.1f}%)", flush=True)
-    record = {"benchmark": "train_step", "machine": platform.platform(), "processor": platform.processor(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+                              "batch_size": config["train"]["batch_size"], "blocks": args.blocks,
+                              "steps_per_block": n}
+        rows.append(row("training step", f"digits U-Net, batch {config['train']['batch_size']}, {precision}",
+                        o * 1e3, b * 1e3, "ms/step", "difftime Trainer", "bare PyTorch loop"))
+    return {"results": results, "rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    standalone("train_step", add_arguments, run, __doc__.splitlines()[0])

@@ -1,0 +1,125 @@
+"""The benchmark suite (`make bench`): every benchmark in turn, then BENCHMARKS.md.
+
+Each benchmark writes benchmarks/results/<name>.json; the table in BENCHMARKS.md is built from
+those files, with the machine each was measured on. The first run trains the digits preset
+model into benchmarks/.cache/ and fits its flow priors; later runs reuse them.
+
+    python benchmarks/suite.py [--only peer_samplers,memory] [--report-only] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+
+import torch
+from common import HERE, RESULTS, add_common_arguments, machine, print_rows, write_result
+
+from difftime.io import atomic_write_bytes
+
+# Order matters only for the first run: sampler_overhead trains the cached model, peer_samplers fits its priors.
+BENCHMARKS = ("train_step", "sampler_overhead", "likelihood", "peer_samplers", "memory", "metrics")
+REPORT = HERE.parent / "BENCHMARKS.md"
+
+
+def _fmt(x: float, se: float | None = None) -> str:
+    value = f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return value if se is None else f"{value} +- {se:.2g}"
+
+
+def report(suite: dict) -> str:
+    """BENCHMARKS.md from results/*.json."""
+    found = {name: json.loads((RESULTS / f"{name}.json").read_text())
+             for name in BENCHMARKS if (RESULTS / f"{name}.json").is_file()}
+    m = suite["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` (`python benchmarks/suite.py`), which took {suite['wall_s'] / 60:.1f} min on "
+        f"{m['date']}: {m['cpu']}, {m['cores']} cores, {m['threads']} torch thread(s), torch {m['torch']}, "
+        f"diffusers {m['diffusers']}, Python {m['python']}, {m['platform']}; load average "
+        f"{', '.join(map(str, m['load_average']))} at the start (the machine was shared).",
+        "",
+        "Every row is measured side by side, in one process and one run, on the same network and data. "
+        "The ratio is ours / peer, and lower is better for every measure (times, FD, memory).",
+        "",
+        "| benchmark | measure | ours | peer | ratio | units |",
+        "|---|---|---|---|---|---|",
+    ]
+    for record in found.values():
+        for r in record["rows"]:
+            ours, peer = _fmt(r["ours"], r.get("ours_se")), _fmt(r["peer"], r.get("peer_se"))
+            lines.append(f"| {r['benchmark']} | {r['measure']} | {ours} ({r['ours_is']}) | {peer} ({r['peer_is']}) | "
+                         f"{r['ratio']:.4g} | {r['units']} |")
+    if "peer_samplers" in found:
+        p = found["peer_samplers"]
+        budgets = sorted({e["nfe_budget"] for e in p["table"]})
+        methods = list(dict.fromkeys(e["method"] for e in p["table"]))
+        cell = {(e["method"], e["nfe_budget"]): e for e in p["table"]}
+        floors = p["fd_of_training_images"]
+        lines += [
+            "",
+            "## Peer samplers in full",
+            "",
+            f"Classifier FD, mean +- standard deviation over {p['seeds']} seeds of n = {p['n']} samples each, "
+            f"against the {p['reference']}, with the mean wall seconds and the NFE used, per method and NFE budget; "
+            "`benchmarks/peer_samplers.py` has the settings. Real training images scored the same way (random "
+            f"subsets of {p['n']}) give FD {', '.join(f'{v:.2f}' for v in floors)}: what a perfect model would "
+            "score, and how much one FD moves with the draw.",
+            "",
+            "| method | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(
+                f"{c['fd_mean']:.2f} +- {c['fd_sd']:.2f} ({c['wall_s']:.1f} s, {c['nfe']})"
+                for c in (cell[(method, b)] for b in budgets)) + " |")
+    lines += ["", "## Runs", "", "| benchmark | finished | wall | threads | load average |", "|---|---|---|---|---|"]
+    for name, record in found.items():
+        rm = record["machine"]
+        lines.append(f"| [`{name}`](benchmarks/{name}.py) | {rm['date']} | {record['wall_s'] / 60:.1f} min | "
+                     f"{rm['threads']} | {', '.join(map(str, rm['load_average']))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--only", help=f"comma list of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from results/*.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    chosen = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = set(chosen) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmarks {sorted(unknown)}")
+    suite_path = RESULTS / "suite.json"
+    if args.report_only:
+        suite = json.loads(suite_path.read_text())
+    else:
+        start, walls = time.perf_counter(), {}
+        suite = {"machine": machine()}
+        for name in chosen:
+            print(f"== {name}", flush=True)
+            module = importlib.import_module(name)
+            sub = argparse.ArgumentParser()
+            module.add_arguments(sub)
+            t0 = time.perf_counter()
+            result = module.run(sub.parse_args([]))
+            walls[name] = time.perf_counter() - t0
+            print_rows(result["rows"])
+            write_result(name, result, walls[name])
+        suite.update(wall_s=time.perf_counter() - start, benchmarks=chosen,
+                     wall_s_by_benchmark={k: round(v, 1) for k, v in walls.items()})
+        if args.only and suite_path.is_file():  # a partial rerun: the suite's record stays the full run's
+            suite = json.loads(suite_path.read_text())
+        else:
+            atomic_write_bytes(suite_path, (json.dumps(suite, indent=2) + "\n").encode())
+    atomic_write_bytes(REPORT, report(suite).encode())
+    print(f"wrote {REPORT}")
+
+
+if __name__ == "__main__":
+    main()
