@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from difftime.errors import DifftimeError
 from difftime.io import Run
-from difftime.likelihood import bits_per_dim, elbo, ode_flow
+from difftime.likelihood import bits_per_dim, elbo, full_precision, ode_flow
 
 LIKELIHOOD_METRICS = ("elbo", "nll")
 
@@ -87,6 +87,7 @@ def _summary(values: Tensor) -> tuple[float, float]:
     return values.mean().item(), se
 
 
+@full_precision
 def likelihood_metrics(
     run: Run,
     priors: Mapping[str, Any],
