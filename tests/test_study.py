@@ -61,6 +61,7 @@ def test_every_artifact_is_written(digits_study):
 def test_numbers_are_consistent(digits_study):
     r = _results(digits_study)
     assert len(r["cells"]) == 6
+    assert r["versions"]["torch"] and r["config"]["seed"] == 0 and r["settings"]["n_samples"] == 64
     floor = r["data_floor"]
     assert floor["n_samples"] == 64 and len(floor["subsets"]) == 3  # 1,497 training digits hold 3 disjoint subsets
     assert all(math.isfinite(q["fd"]["value"]) for q in floor["subsets"])

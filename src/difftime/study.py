@@ -297,6 +297,7 @@ class Study:
         from difftime.io import load_run, read_json_file
         from difftime.report import write_report
         from difftime.sampling import steps_for_horizon
+        from difftime.train import versions
 
         self._claim_directory()
         s = self.settings
@@ -338,7 +339,7 @@ class Study:
                     bar.update(1)
         results = [by_cell[key] for key in cells]
         summary = {"config": self.config, "settings": s, "run": self.pretrained, "training": training,
-                   "data_floor": floor, "cells": results, "T_ref": T_ref, "n_cells": len(cells),
+                   "data_floor": floor, "versions": versions(), "cells": results, "T_ref": T_ref, "n_cells": len(cells),
                    "wall_s_this_invocation": time.perf_counter() - start_all}
         write_report(summary, self.out)
         return summary
