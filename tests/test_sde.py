@@ -183,3 +183,12 @@ def test_config_round_trip(sde):
     t = torch.linspace(0.01, sde.T_max, 7, dtype=torch.float64)
     assert type(again) is type(sde)
     assert torch.equal(again.v(t), sde.v(t)) and torch.equal(again.g2(t), sde.g2(t))
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
+def test_log_snr_is_log_m_over_sigma_and_inverts(sde):
+    t = torch.tensor([1e-5, 1e-3, 0.1, 0.4, 0.9, 1.0], dtype=torch.float64)
+    lam = sde.log_snr(t)
+    assert torch.allclose(lam, torch.log(sde.m(t) / sde.sigma(t)), rtol=1e-10, atol=1e-10)
+    assert (lam[1:] < lam[:-1]).all()
+    assert torch.allclose(sde.t_from_log_snr(lam), t, rtol=1e-8, atol=1e-12)

@@ -81,6 +81,14 @@ class SDE(ABC):
     def to_config(self) -> dict[str, Any]:
         """JSON-ready constructor arguments plus the ``kind`` tag."""
 
+    @abstractmethod
+    def log_snr(self, t: Tensor) -> Tensor:
+        """lambda(t) = log(m(t) / sigma(t)), strictly decreasing in t."""
+
+    @abstractmethod
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        """The t with lambda(t) = lam, in closed form."""
+
     # --- derived quantities ------------------------------------------------------------
     def sigma(self, t: Tensor) -> Tensor:
         return self.v(t).sqrt()
@@ -202,6 +210,13 @@ class VPSDE(_BetaSDE):
     def importance_potential_inverse(self, phi: Tensor) -> Tensor:
         return self.B_inverse(torch.nn.functional.softplus(phi, threshold=30.0))
 
+    def log_snr(self, t: Tensor) -> Tensor:
+        # sigma^2 / m^2 = e^B - 1
+        return -0.5 * torch.log(torch.expm1(self.B(t)))
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        return self.B_inverse(torch.nn.functional.softplus(-2 * lam, threshold=30.0))
+
 
 class SubVPSDE(_BetaSDE):
     """sub-VP: g^2 = beta (1 - exp(-2B)), v = (1 - exp(-B))^2. Baseline prior N(0, I)."""
@@ -233,6 +248,13 @@ class SubVPSDE(_BetaSDE):
         # u - 1 = (c + sqrt(c^2 + 4c)) / 2 with c = e^phi.
         c = torch.exp(phi)
         return self.B_inverse(torch.log1p(0.5 * (c + torch.sqrt(c * c + 4 * c))))
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        # sigma / m = e^{B/2} - e^{-B/2} = 2 sinh(B/2)
+        return -torch.log(2 * torch.sinh(0.5 * self.B(t)))
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        return self.B_inverse(2 * torch.asinh(0.5 * torch.exp(-lam)))
 
 
 class VESDE(SDE):
@@ -287,6 +309,13 @@ class VESDE(SDE):
 
     def importance_potential_inverse(self, phi: Tensor) -> Tensor:
         return torch.log1p(torch.exp(phi) / self.sigma_min**2) / (2 * self._log_ratio)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        return -0.5 * torch.log(self.v(t))
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        # v = smin^2 expm1(2 r t) = exp(-2 lam)
+        return torch.log1p(torch.exp(-2 * lam) / self.sigma_min**2) / (2 * self._log_ratio)
 
     def to_config(self) -> dict[str, Any]:
         return {
