@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from difftime.config import DEFAULTS, build_config, merge
+from difftime.config import build_config
 from difftime.data import load_data
-from difftime.io import Run, atomic_write_bytes, load_run, read_json_file
-from difftime.train import Trainer
+from difftime.io import atomic_write_bytes
+from difftime.run import Run, load_run
+from difftime.training import saved_config, train_run
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -40,25 +41,18 @@ def digits_run(run_dir: str | None = None) -> Run:
         return load_run(run_dir)
     path = CACHE / "digits"
     config = build_config(preset="digits")
-    if (path / "config.json").is_file():
-        saved = merge(DEFAULTS, read_json_file(path / "config.json", "run config")["config"])
-        if saved != config:
-            raise SystemExit(f"{path} holds a run with another config than the digits preset; delete it")
-        trainer = Trainer(config, load_data(config["data"], seed=config["seed"]))
-        trainer.load(path)
-    else:
-        trainer = Trainer(config, load_data(config["data"], seed=config["seed"]))
-        trainer.write_config(path)
-    if trainer.step < config["train"]["steps"]:
-        print(f"training the digits preset into {path} (step {trainer.step} of {config['train']['steps']})",
-              flush=True)
-        trainer.fit(path, progress=True)
+    exists = (path / "config.json").is_file()
+    if exists and saved_config(path) != config:
+        raise SystemExit(f"{path} holds a run with another config than the digits preset; delete it")
+    if not exists or load_run(path).step < config["train"]["steps"]:
+        print(f"training the digits preset into {path}", flush=True)
+        train_run(config, path, resume=exists, progress=True)
     return load_run(path)
 
 
 def flow_prior(run: Run, T: float):
     """The run's flow prior at T, fitted once with the `difftime fit-prior` defaults."""
-    from difftime.evaluate import resolve_prior
+    from difftime.evaluation import resolve_prior
     from difftime.priors import fit_run_prior, prior_dir
 
     if not prior_dir(run.path, "flow", T).is_dir():

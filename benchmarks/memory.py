@@ -40,7 +40,7 @@ def _measure(name: str, args: argparse.Namespace) -> dict:
     if name.startswith("train"):
         from train_step import bare_loop
 
-        from difftime.train import Trainer
+        from difftime.training import Trainer
 
         config = build_config(preset="digits", overrides={"train": {"ckpt_every": 10**9, "steps": args.steps}})
         data = load_data("digits")
@@ -53,7 +53,7 @@ def _measure(name: str, args: argparse.Namespace) -> dict:
     else:
         from peer_samplers import diffusers_sample
 
-        from difftime.evaluate import draw_samples
+        from difftime.evaluation import draw_samples
 
         run = digits_run()
         if name == "sample-difftime":

@@ -29,10 +29,10 @@ import torch
 from common import digits_run, flow_prior, row, standalone
 
 from difftime.data import load_data
-from difftime.evaluate import draw_samples, resolve_prior
-from difftime.io import Run
+from difftime.evaluation import draw_samples, resolve_prior
 from difftime.metrics import quality_metrics
-from difftime.retrofit import DDPMSchedule
+from difftime.nets.diffusers import DDPMSchedule
+from difftime.run import Run
 
 SCHEDULE = DDPMSchedule(1000, 1e-4, 0.02)
 PEERS = {"dpm++": "diffusers DPM-Solver++ (2M), T=1", "ddim": "diffusers DDIM, T=1"}

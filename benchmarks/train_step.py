@@ -22,7 +22,7 @@ from common import row, standalone
 from difftime.config import build_config
 from difftime.data import load_data
 from difftime.nets import net_from_config
-from difftime.train import Trainer
+from difftime.training import Trainer
 
 
 def bare_loop(config, data):

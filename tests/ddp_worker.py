@@ -15,7 +15,7 @@ from difftime.config import build_config
 from difftime.data import load_data
 from difftime.distributed import rank, session
 from difftime.io import encode_tensors
-from difftime.train import Trainer
+from difftime.training import Trainer
 
 
 def digest(trainer: Trainer) -> dict[str, str]:

@@ -25,7 +25,7 @@ from difftime.config import build_config
 from difftime.data import load_data
 from difftime.io import load_tensors, read_checked_json
 from difftime.priors import fit_run_prior, prior_dir
-from difftime.train import Trainer
+from difftime.training import Trainer
 
 OVERRIDES = {
     "data": "gaussian:d=4,mean=0.5,scale=0.3,n=2048,n_test=256", "seed": 0,
@@ -106,7 +106,7 @@ def test_cli_train_and_fit_prior_under_torchrun(tmp_path):
     torchrun("-m", "difftime.cli", "fit-prior", "run", *prior_args, "--no-progress", cwd=tmp_path)
     fitted = load_tensors(prior_dir(run, "flow", 0.5) / "prior.safetensors")
 
-    from difftime.io import load_run
+    from difftime.run import load_run
 
     loaded = load_run(run)
     data = load_data(OVERRIDES["data"], seed=0)

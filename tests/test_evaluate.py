@@ -9,10 +9,10 @@ import torch
 
 from difftime.config import build_config
 from difftime.data import load_data
-from difftime.evaluate import likelihood_metrics, resolve_prior
-from difftime.io import load_run
+from difftime.evaluation import likelihood_metrics, resolve_prior
 from difftime.priors import make_prior, prior_dir, save_prior
-from difftime.train import Trainer
+from difftime.run import load_run
+from difftime.training import Trainer
 
 T = 0.4
 

@@ -7,12 +7,12 @@ import torch
 
 from difftime.config import build_config
 from difftime.data import load_data
-from difftime.io import load_run
 from difftime.likelihood import elbo, ode_log_likelihood
 from difftime.nets import MLP
 from difftime.priors import StandardPrior
+from difftime.run import load_run
 from difftime.sde import VPSDE
-from difftime.train import Trainer
+from difftime.training import Trainer
 
 TINY_UNET = {"kind": "unet", "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False}
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from difftime.data import Dataset, Scaler, load_data
+from difftime.data import Dataset, load_data
 from difftime.errors import DifftimeError
 from difftime.priors import (
     PRIOR_FAMILIES,
@@ -26,6 +26,7 @@ from difftime.priors import (
     training_data,
 )
 from difftime.priors.base import std_normal_log_prob
+from difftime.scaler import Scaler
 from difftime.sde import VESDE, VPSDE
 
 

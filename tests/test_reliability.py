@@ -22,8 +22,8 @@ from difftime.cli import main
 from difftime.config import build_config
 from difftime.data import load_data
 from difftime.errors import DifftimeError
-from difftime.io import CHECKPOINT_FILES, load_run, saved_checkpoints
-from difftime.train import Trainer
+from difftime.run import CHECKPOINT_FILES, load_run, saved_checkpoints
+from difftime.training import Trainer
 
 # Dropout > 0 so torch's global RNG is part of what a resume must restore.
 KILL_CONFIG = {

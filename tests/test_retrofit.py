@@ -21,9 +21,9 @@ diffusers = pytest.importorskip("diffusers")
 from difftime.cli import main  # noqa: E402
 from difftime.data import load_data  # noqa: E402
 from difftime.errors import DifftimeError  # noqa: E402
-from difftime.io import load_run  # noqa: E402
+from difftime.nets.diffusers import KERNEL_TOL, DiffusersEps, check_schedule, check_unet_config  # noqa: E402
 from difftime.priors import StandardPrior  # noqa: E402
-from difftime.retrofit import KERNEL_TOL, DiffusersEps, check_schedule, check_unet_config  # noqa: E402
+from difftime.run import load_run  # noqa: E402
 from difftime.sampling import predictor_corrector  # noqa: E402
 
 N = 200  # betas 5e-4..0.1: N beta_1 = 0.1 and N beta_N = 20, difftime's default VP

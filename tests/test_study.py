@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from difftime.cli import main
-from difftime.report import claims, nfe_savings
+from difftime.study.analysis import claims, nfe_savings
 
 TINY_NET = {"ch": 8, "ch_mult": [1], "groups": 4, "mid_attention": False}
 SPT = 10  # steps per unit time: T = 0.4 and 1.0 give 4 and 10 steps, exactly proportional
@@ -189,22 +189,24 @@ def _cell(T: float, prior: str, bpd: float, prior_bpd: float, score_bpd: float, 
 def test_claims_follow_the_numbers():
     interior = [_cell(0.2, "standard", 5.0, 3.0, 1.0, 30.0, 20), _cell(0.6, "standard", 4.0, 1.0, 2.0, 20.0, 60),
                 _cell(1.0, "standard", 4.5, 0.5, 3.0, 10.0, 100), _cell(0.2, "flow", 4.2, 1.2, 1.0, 9.0, 20)]
-    text = claims(interior, "fd", ["em"], 1.0, "per-T")
-    assert "finite best T: HELD" in text[0] and "best T by ELBO is 0.6" in text[0]
-    assert "competitive in likelihood: HELD" in text[1]
-    assert "sample quality (em, NFE proportional to T): HELD." in text[2]  # 9 vs 10, no noise figure given
-    assert "sample quality (em, NFE proportional to T): HELD WITHIN NOISE" in claims(
-        interior, "fd", ["em"], 1.0, "per-T", floor=(2.0, 1.0))[2]  # 9 vs 10 with an sd of 1 is not resolved
-    assert "in proportion to T: HELD" in text[3]
+    found = {c.name: c for c in claims(interior, "fd", ["em"], 1.0, "per-T")}
+    assert found["finite_best_T"].verdict == "HELD" and found["finite_best_T"].numbers["best_T"] == 0.6
+    assert found["short_T_likelihood"].verdict == "HELD"
+    assert found["short_T_quality_em"].verdict == "HELD"  # 9 vs 10, no noise figure given
+    assert found["short_T_quality_em"].numbers["difference"] == pytest.approx(-1.0)
+    noisy_floor = {c.name: c for c in claims(interior, "fd", ["em"], 1.0, "per-T", floor=(2.0, 1.0))}
+    assert noisy_floor["short_T_quality_em"].verdict == "HELD WITHIN NOISE"  # 9 vs 10 with an sd of 1
+    assert found["cost_proportional_to_T"].verdict == "HELD"
+    assert "finite best T: HELD" in found["finite_best_T"].text  # the report's prose carries the verdict
     monotone = [_cell(0.2, "standard", 6.0, 3.0, 1.0, 30.0, 20), _cell(1.0, "standard", 4.0, 0.5, 3.0, 10.0, 100),
                 _cell(0.2, "flow", 4.5, 1.2, 1.0, 11.0, 20)]
-    text = claims(monotone, "fd", ["em"], 1.0, "truncate")
-    assert "finite best T: DID NOT HOLD" in text[0]
-    assert "competitive in likelihood: DID NOT HOLD" in text[1]
-    assert "sample quality (em, NFE proportional to T): DID NOT HOLD" in text[2]
+    found = {c.name: c for c in claims(monotone, "fd", ["em"], 1.0, "truncate")}
+    assert found["finite_best_T"].verdict == "DID NOT HOLD"
+    assert found["short_T_likelihood"].verdict == "DID NOT HOLD"
+    assert found["short_T_quality_em"].verdict == "DID NOT HOLD"
     noisy = [_cell(0.6, "standard", 4.0, 1.0, 2.0, 20.0, 60, se=0.3), _cell(1.0, "standard", 4.2, 0.5, 3.0, 10.0, 100,
                                                                               se=0.3)]
-    assert "finite best T: NOT RESOLVED" in claims(noisy, "fd", ["em"], 1.0, "per-T")[0]
+    assert claims(noisy, "fd", ["em"], 1.0, "per-T")[0].verdict == "NOT RESOLVED"
     saving = nfe_savings(interior, "fd", ["em"], 1.0)
     flow = next(s for s in saving if s["prior"] == "flow")
     assert flow["reached"] and flow["nfe"] == 21 and flow["saving"] == pytest.approx(1 - 21 / 101)

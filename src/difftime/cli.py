@@ -89,52 +89,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, device: str) -> int:
-    from difftime.config import DEFAULTS, build_config, merge, validate
-    from difftime.data import load_data
-    from difftime.io import read_json_file
-    from difftime.train import Trainer
+    from difftime.config import build_config
+    from difftime.training import saved_config, train_run
 
     if args.resume:
-        run = Path(args.resume)
-        saved = read_json_file(run / "config.json", "run config")
-        if not isinstance(saved.get("config"), dict):
-            raise DifftimeError(f"{run / 'config.json'} has no 'config' object; is it a difftime run?")
-        if saved.get("resolved", {}).get("net", {}).get("kind") == "diffusers":
-            raise DifftimeError(f"{run} is an imported diffusers model; difftime samples and evaluates it but does "
-                                "not train it")
-        # Over the defaults, so a run saved before a config key existed still resumes.
-        config = merge(merge(DEFAULTS, saved["config"]), {"train": {"steps": args.steps}} if args.steps else {})
-        validate(config)
-        out = run
+        out = Path(args.resume)
+        config = saved_config(out, steps=args.steps)
     else:
         if args.out is None:
             raise DifftimeError("train needs --out RUN (a new directory) or --resume RUN")
         out = Path(args.out)
         _check_new_output_dir(out)
         config = build_config(args.preset, args.config, _train_overrides(args))
-
-    dataset = load_data(config["data"], seed=config["seed"])
-    trainer = Trainer(config, dataset, device=device)
-    main = trainer.rank == 0
-    if args.resume:
-        trainer.load(out)
-        if main:
-            print(f"resuming {out} at step {trainer.step} of {config['train']['steps']}", file=sys.stderr)
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
-        trainer.write_config(out)
-    start = time.perf_counter()
-    last = trainer.fit(out, progress=not args.no_progress)
-    params = sum(p.numel() for p in trainer.model.parameters())
-    if main:
-        print(json.dumps({"run": str(out), "step": trainer.step, "last_loss": last.get("loss"),
-                          "params": params, "processes": trainer.world,
-                          "wall_s": round(time.perf_counter() - start, 2)}))
+    result = train_run(config, out, resume=bool(args.resume), device=device, progress=not args.no_progress)
+    if _is_main():
+        print(json.dumps({"run": result.run, "step": result.step, "last_loss": result.last_loss,
+                          "params": result.params, "processes": result.processes,
+                          "wall_s": round(result.wall_s, 2)}))
     return 0
 
 
+def _is_main() -> bool:
+    from difftime.distributed import is_main
+
+    return is_main()
+
+
 def _horizon(run, T: float | None) -> tuple[float, float]:
-    return run.sde.check_horizon(T if T is not None else run.config["config"]["train"]["T"])
+    return run.sde.check_horizon(T if T is not None else run.T_train)
 
 
 def cmd_fit_prior(args: argparse.Namespace) -> int:
@@ -147,8 +129,8 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
 def _fit_prior(args: argparse.Namespace) -> int:
     from difftime.data import load_data
     from difftime.distributed import is_main
-    from difftime.io import load_run
     from difftime.priors import fit_run_prior, prior_dir
+    from difftime.run import load_run
 
     run = load_run(args.run)
     T, _ = run.sde.check_horizon(args.T)
@@ -157,7 +139,7 @@ def _fit_prior(args: argparse.Namespace) -> int:
     directory = prior_dir(run.path, args.prior, T)
     if (directory / "config.json").exists() and not args.overwrite:
         raise DifftimeError(f"{directory} already holds a prior; pass --overwrite to refit it")
-    dataset = load_data(run.config["resolved"]["data"], seed=run.config["config"]["seed"])
+    dataset = load_data(run.config["resolved"]["data"], seed=run.seed)
     options: dict[str, Any] = {}
     if args.prior == "flow":
         options = {k: v for k, v in {"flow": args.flow, "transforms": args.transforms,
@@ -178,9 +160,10 @@ def _fit_prior(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from difftime.evaluate import draw_samples, resolve_prior
-    from difftime.io import atomic_write_bytes, load_run
+    from difftime.evaluation import draw_samples, resolve_prior
+    from difftime.io import atomic_write_bytes
     from difftime.plots import save_samples_figure
+    from difftime.run import load_run
     from difftime.sampling import steps_for_horizon
 
     out = Path(args.out)
@@ -207,10 +190,11 @@ QUALITY_METRICS = ("fid", "fd", "kid", "pr", "mmd", "swd")
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from difftime.data import load_data
-    from difftime.evaluate import LIKELIHOOD_METRICS, draw_samples, likelihood_metrics, resolve_prior
-    from difftime.io import load_run, save_json
+    from difftime.evaluation import LIKELIHOOD_METRICS, draw_samples, likelihood_metrics, resolve_prior
+    from difftime.io import save_json
+    from difftime.provenance import versions
+    from difftime.run import load_run
     from difftime.sampling import steps_for_horizon
-    from difftime.train import versions
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     unknown = [m for m in metrics if m not in LIKELIHOOD_METRICS + QUALITY_METRICS]
@@ -227,7 +211,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"T": T, "eps": eps, "prior": args.prior, "n": args.n}
     likelihood = tuple(m for m in metrics if m in LIKELIHOOD_METRICS)
     if likelihood:
-        dataset = load_data(data_spec, seed=run.config["config"]["seed"])
+        dataset = load_data(data_spec, seed=run.seed)
         raw = (dataset.test if args.split == "test" else dataset.train)[: args.n]
         result.update(likelihood_metrics(
             run, {args.prior: prior}, raw, T, likelihood, eps=eps, dequant_repeats=args.dequant_repeats,
@@ -254,7 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from difftime.retrofit import import_diffusers
+    from difftime.importers.diffusers import import_diffusers
 
     kind, _, directory = args.source.partition(":")
     if kind != "diffusers" or not directory:

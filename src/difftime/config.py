@@ -7,12 +7,13 @@ and have a compatible type, so a typo is an error instead of a silently ignored 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from difftime.errors import DifftimeError
+from difftime.io import read_json_file
+from difftime.sde import sde_from_config
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -129,26 +130,6 @@ def merge(base: dict[str, Any], override: dict[str, Any], prefix: str = "") -> d
     return out
 
 
-def read_json_file(path: str | Path, what: str) -> dict[str, Any]:
-    from difftime.io import refuse_pickle  # io imports this module
-
-    path = Path(path)
-    refuse_pickle(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise DifftimeError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DifftimeError(f"cannot read {what} {path}: {exc}") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DifftimeError(f"{what} {path} is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise DifftimeError(f"{what} {path} must hold a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
@@ -210,8 +191,6 @@ def validate(config: dict[str, Any]) -> None:
     if not 0 <= config["seed"] < 2**63:  # the trainer seeds torch generators with seed + 2
         raise DifftimeError(f"seed must be in [0, 2**63), got {config['seed']}")
     _validate_net(config["net"])
-    from difftime.sde import sde_from_config
-
     sde_from_config(sde_config(config))
 
 

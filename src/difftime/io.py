@@ -1,27 +1,20 @@
-"""On-disk formats: atomic writes, safetensors + JSON, and the run directory.
+"""Files: atomic writes, safetensors and JSON with checksums, refusing pickles, exclusive locks.
 
-A run directory holds
-  config.json          everything needed to rebuild the SDE, network and scaler
-  model.safetensors    raw weights
-  ema.safetensors      EMA weights (what sampling and evaluation use by default)
-  state.safetensors    optimizer moments, RNG states, data order: the resume state
-  state.json           step, EMA count, and the sha256 of every weight file of this checkpoint
-  metrics.jsonl        one JSON line per logged training step
-  checkpoints/step-N/  the four checkpoint files again, for each of the last train.keep_checkpoints saves
-
-state.json is written last, so a checkpoint is complete exactly when the hashes it lists match
-the files beside it; a crash mid-save is caught at load instead of resuming from a mix. Each save
-fills checkpoints/step-N/ first and only then replaces the top-level copy, with the top-level
-state.json removed meanwhile, so a kill at any moment leaves at least one complete checkpoint.
+The bottom layer: it knows no difftime format. The run directory belongs to
+:mod:`difftime.run`, a prior's folder to :mod:`difftime.priors.store`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +23,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from difftime.config import read_json_file
 from difftime.errors import DifftimeError
 
-FORMAT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once at the first write (reading it means setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -48,7 +44,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from collaborators
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from collaborators
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -73,6 +69,25 @@ def fsync_dir(directory: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json_file(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing, unreadable or non-object file is one clear error."""
+    path = Path(path)
+    refuse_pickle(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DifftimeError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DifftimeError(f"cannot read {what} {path}: {exc}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DifftimeError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DifftimeError(f"{what} {path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def save_json(path: str | Path, obj: Any) -> None:
@@ -169,64 +184,37 @@ def load_state_dict_strict(module: nn.Module, tensors: dict[str, Tensor], source
     module.load_state_dict(tensors, strict=True)
 
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.safetensors")
+_HELD: dict[Path, int] = {}  # lock file -> open descriptor, so a process can re-enter its own lock
 
 
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+@contextmanager
+def exclusive_lock(lock_file: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` while ``what`` is being written.
 
-
-def saved_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The complete (state.json written) checkpoint folders of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-@dataclass
-class Run:
-    """Everything ``load_run`` rebuilds from a run directory."""
-
-    path: Path
-    config: dict[str, Any]
-    sde: Any
-    model: nn.Module
-    scaler: Any
-    shape: tuple[int, ...]
-    step: int
-
-
-def load_run(path: str | Path, weights: str = "ema") -> Run:
-    """Rebuild the SDE, the network (``weights`` = "ema" or "model") and the scaler of a run."""
-    from difftime.data import Scaler
-    from difftime.nets import net_from_config
-    from difftime.sde import sde_from_config
-
-    path = Path(path)
-    refuse_pickle(path)
-    if weights not in ("ema", "model"):
-        raise DifftimeError(f"weights must be 'ema' or 'model', got {weights!r}")
-    if not (path / "config.json").is_file():
-        raise DifftimeError(f"{path} is not a difftime run directory (no config.json)")
-    config = read_json_file(path / "config.json", "run config")
+    A second process is refused with one line naming the holder's pid and command. The kernel
+    drops the lock when its holder dies, so a lock file left by a killed process is taken over.
+    Re-entrant within one process (the study trains its run while holding the study's lock).
+    """
+    lock_file = Path(lock_file).resolve()
+    if lock_file in _HELD:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
-        resolved = config["resolved"]
-        sde = sde_from_config(resolved["sde"])
-        model = net_from_config(resolved["net"])
-        scaler = Scaler.from_dict(resolved["scaler"])
-        shape = tuple(resolved["shape"])
-    except DifftimeError as exc:
-        raise DifftimeError(f"{path / 'config.json'} is invalid: {exc}") from None
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise DifftimeError(f"{path / 'config.json'} is missing or has a malformed field {exc}") from None
-    # No top-level state.json but saved checkpoints: training was killed while publishing one.
-    source = path
-    if not (path / "state.json").is_file() and saved_checkpoints(path):
-        source = saved_checkpoints(path)[-1]
-    state = read_checked_json(source / "state.json", "checkpoint state") if (source / "state.json").is_file() else {}
-    file = source / f"{weights}.safetensors"
-    load_state_dict_strict(model, load_tensors(file, state.get("sha256", {}).get(file.name)), file)
-    model.eval()
-    return Run(path=path, config=config, sde=sde, model=model, scaler=scaler, shape=shape,
-               step=int(state.get("step", 0)))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DifftimeError(
+            f"{what} is being written by {holder}; wait for it to finish or stop it, then rerun"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+        os.pwrite(fd, f"process {os.getpid()} ({command})\n".encode(), 0)
+        _HELD[lock_file] = fd
+        yield
+    finally:
+        _HELD.pop(lock_file, None)
+        os.close(fd)  # releases the flock; the file stays, empty of meaning until the next holder

@@ -1,4 +1,5 @@
-"""Figures, rendered with matplotlib's Agg backend and written atomically."""
+"""Figures, built as ``matplotlib.figure.Figure`` (no pyplot, so importing difftime never switches
+a notebook's backend) and written atomically as PNG."""
 
 from __future__ import annotations
 
@@ -6,14 +7,11 @@ import io
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from difftime.errors import DifftimeError  # noqa: E402
-from difftime.io import atomic_write_bytes  # noqa: E402
+from difftime.errors import DifftimeError
+from difftime.io import atomic_write_bytes
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
@@ -28,10 +26,9 @@ def image_grid(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
     return grid[..., 0] if c == 1 else grid
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> None:
+def save_figure(fig: Figure, path: str | Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -39,11 +36,13 @@ def save_samples_figure(samples: np.ndarray, path: str | Path, title: str = "") 
     """A grid for images (N, C, H, W), a scatter plot for 2-D points (N, 2)."""
     if samples.ndim == 4:
         grid = image_grid(samples)
-        fig, ax = plt.subplots(figsize=(6, 6))
+        fig = Figure(figsize=(6, 6))
+        ax = fig.subplots()
         ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, interpolation="nearest")
         ax.axis("off")
     elif samples.ndim == 2 and samples.shape[1] == 2:
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig = Figure(figsize=(5, 5))
+        ax = fig.subplots()
         ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.5)
         ax.set_aspect("equal")
     else:

@@ -18,7 +18,7 @@ def net_from_config(config: dict[str, Any]) -> nn.Module:
     config = dict(config)
     kind = config.pop("kind", None)
     if kind == "diffusers":  # a retrofitted pretrained model; diffusers is an optional extra, imported lazily
-        from difftime.retrofit import DiffusersEps
+        from difftime.nets.diffusers import DiffusersEps
 
         cls: type[nn.Module] = DiffusersEps
     elif kind in NETS:

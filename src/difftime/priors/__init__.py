@@ -19,6 +19,7 @@ with ``torch.set_num_threads(1)`` on a busy 2-core machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -29,13 +30,14 @@ import torch
 from difftime import distributed
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
+from difftime.io import exclusive_lock
 from difftime.priors.base import Prior
 from difftime.priors.fit import fit_prior, heldout_nll, heldout_set
 from difftime.priors.flow import FLOW_KINDS, FlowPrior
 from difftime.priors.gaussian import GaussianPrior
 from difftime.priors.glow import GlowPrior
 from difftime.priors.standard import StandardPrior
-from difftime.priors.store import load_prior, prior_dir, save_prior
+from difftime.priors.store import PRIOR_FAMILIES, load_prior, prior_dir, save_prior
 from difftime.sde import SDE
 
 __all__ = [
@@ -56,11 +58,6 @@ __all__ = [
     "save_prior",
     "training_data",
 ]
-
-PRIOR_FAMILIES: dict[str, type[Prior]] = {
-    cls.family: cls for cls in (StandardPrior, GaussianPrior, FlowPrior, GlowPrior)
-}
-
 
 def training_data(dataset: Dataset, seed: int = 0) -> torch.Tensor:
     """The whole training split in model space, dequantized with a generator seeded by ``seed``."""
@@ -106,12 +103,15 @@ def fit_run_prior(run_path: str | Path, sde: SDE, shape: tuple[int, ...], family
     Returns the fitted prior and its fit record.
     """
     directory = prior_dir(run_path, family, T)
-    prior = make_prior(family, sde, T, dataset, seed=seed, **options)
-    fit = fit_prior(prior, sde, T, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                    checkpoint=directory.with_name(f".{directory.name}.partial"))
-    extra = {"fit": fit, "data": dataset.name, "seed": seed, "options": options,
-             "test_nll_bits_per_dim_of_x_T": fit["test_nll"] / (math.prod(shape) * math.log(2))}
-    if distributed.is_main():  # under torchrun every rank holds the same fitted prior
-        save_prior(prior, directory, extra=json.loads(json.dumps(extra, default=str)))
+    main = distributed.is_main()  # under torchrun every rank fits the same prior; rank 0 writes it
+    lock = directory.with_name(f".{directory.name}.lock")
+    with exclusive_lock(lock, f"the {family} prior at T={T:g} of {run_path}") if main else contextlib.nullcontext():
+        prior = make_prior(family, sde, T, dataset, seed=seed, **options)
+        fit = fit_prior(prior, sde, T, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                        progress=progress, checkpoint=directory.with_name(f".{directory.name}.partial"))
+        extra = {"fit": fit, "data": dataset.name, "seed": seed, "options": options,
+                 "test_nll_bits_per_dim_of_x_T": fit["test_nll"] / (math.prod(shape) * math.log(2))}
+        if main:
+            save_prior(prior, directory, extra=json.loads(json.dumps(extra, default=str)))
     prior.eval()
     return prior, fit

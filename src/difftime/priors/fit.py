@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -29,16 +28,12 @@ from difftime import distributed
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
 from difftime.io import atomic_write_bytes, encode_tensors, load_tensors, read_checked_json, save_checked_json
+from difftime.rng import stream_seed
 from difftime.sde import SDE
 
 _TRAIN_STREAM = 0
 _EVAL_STREAM = 1
 _EVAL_BATCH = 1024
-
-
-def stream_seed(seed: int, stream: int) -> int:
-    """Independent 63-bit seeds for the training and evaluation randomness of one ``seed``."""
-    return int(np.random.SeedSequence([int(seed), stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _check(prior: Any, sde: SDE, T: float, dataset: Dataset) -> float:

@@ -14,14 +14,28 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from difftime.config import read_json_file
 from difftime.errors import DifftimeError
-from difftime.io import fsync_dir, load_state_dict_strict, load_tensors, save_json, save_tensors, sha256_file
+from difftime.io import (
+    fsync_dir,
+    load_state_dict_strict,
+    load_tensors,
+    read_json_file,
+    save_json,
+    save_tensors,
+    sha256_file,
+)
 from difftime.priors.base import Prior
+from difftime.priors.flow import FlowPrior
+from difftime.priors.gaussian import GaussianPrior
+from difftime.priors.glow import GlowPrior
+from difftime.priors.standard import StandardPrior
 
 PRIOR_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "prior.safetensors"
+PRIOR_FAMILIES: dict[str, type[Prior]] = {
+    cls.family: cls for cls in (StandardPrior, GaussianPrior, FlowPrior, GlowPrior)
+}
 
 
 def prior_dir(run_dir: str | Path, family: str, T: float) -> Path:
@@ -31,8 +45,6 @@ def prior_dir(run_dir: str | Path, family: str, T: float) -> Path:
 
 def save_prior(prior: Prior, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the prior's weights and config (plus JSON-ready ``extra``, e.g. fit results)."""
-    from difftime.priors import PRIOR_FAMILIES
-
     if not isinstance(prior, Prior) or PRIOR_FAMILIES.get(prior.family) is not type(prior):
         raise DifftimeError(f"save_prior: got {type(prior).__name__}; expected one of the library's priors")
     directory = Path(directory)
@@ -74,8 +86,6 @@ def _finish_swap(directory: Path) -> None:
 
 def load_prior(directory: str | Path) -> Prior:
     """Rebuild a prior saved by :func:`save_prior`, strictly: any mismatch is a DifftimeError."""
-    from difftime.priors import PRIOR_FAMILIES
-
     directory = Path(directory)
     _finish_swap(directory)
     if not directory.is_dir():

@@ -5,7 +5,8 @@ A study directory holds:
   runs/main/ or runs/T<T>/  the trained run(s): one for ``truncate``, one per T for ``per-T``
   cells/T<T>-<prior>.json   one finished cell each, written atomically; a rerun skips them
   samples/T<T>-<prior>.npz  the samples behind each cell's grid
-  results.json, results.csv, report.md and the PNG plots (see ``difftime.report``)
+  results.json, results.csv, report.md and the PNG plots (see :mod:`difftime.study.report`)
+  .lock                     held by the process running the study
 
 Each cell measures, at horizon T with one prior: the ELBO terms and the PF-ODE bits/dim on the
 test split, the prior-improvement bound on KL(p_T || N), and, for every sampler, sample quality
@@ -26,7 +27,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difftime.config import build_config, merge, validate
+from difftime.data import load_data
 from difftime.errors import DifftimeError
+from difftime.evaluation import draw_samples, likelihood_metrics, resolve_prior
+from difftime.io import atomic_write_bytes, exclusive_lock, read_json_file, save_json
+from difftime.metrics import IMAGE_METRICS, METRICS, VECTOR_METRICS, quality_metrics
+from difftime.plots import save_samples_figure
+from difftime.priors import PRIOR_FAMILIES, fit_run_prior, prior_dir
+from difftime.provenance import versions
+from difftime.run import LOCK_FILE, load_run, read_run_config
+from difftime.sampling import SAMPLERS, steps_for_horizon
+from difftime.study.report import write_report
+from difftime.training import train_run
 
 SAMPLER_ALIASES = {"ode": "heun", "sde": "em"}
 MODES = ("truncate", "per-T")
@@ -36,10 +49,6 @@ GRID_KEYS = ("T_grid", "priors")
 
 def study_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The validated ``study`` section, with sampler aliases resolved and T values sorted."""
-    from difftime.metrics import METRICS
-    from difftime.priors import PRIOR_FAMILIES
-    from difftime.sampling import SAMPLERS
-
     s = copy.deepcopy(config["study"])
     sde, T_train = config["sde"], config["train"]["T"]
     if s["mode"] not in MODES:
@@ -80,8 +89,6 @@ def study_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def quality_metric_names(settings: dict[str, Any], is_image: bool) -> tuple[str, ...]:
-    from difftime.metrics import IMAGE_METRICS, VECTOR_METRICS
-
     chosen = [m for m in settings["metrics"] if m != "auto"]
     if not chosen:
         chosen = ["fd", "kid", "pr"] if is_image else ["mmd", "swd"]
@@ -124,10 +131,6 @@ class Study:
     # --- the study directory ---------------------------------------------------------------
     def _claim_directory(self) -> None:
         """Create the directory, or check that a rerun asks for the same study."""
-        from difftime.config import read_json_file
-        from difftime.io import save_json
-        from difftime.train import versions
-
         record = self.out / "study.json"
         if record.is_file():
             saved = read_json_file(record, "study record")
@@ -142,7 +145,7 @@ class Study:
                 raise DifftimeError(
                     f"{self.out} holds a study with different settings ({', '.join(changed)}); only "
                     f"{' and '.join(GRID_KEYS)} may change on a rerun: use the same options or a new --out")
-        elif self.out.exists() and any(self.out.iterdir()):
+        elif any(p.name != LOCK_FILE for p in self.out.iterdir()):
             raise DifftimeError(f"{self.out} exists and is not a difftime study directory; choose a new --out")
         self.out.mkdir(parents=True, exist_ok=True)
         # Rewritten on every rerun so it always describes the grid of the latest report.
@@ -158,27 +161,17 @@ class Study:
 
     def _train(self, run_dir: Path, T_train: float, dataset) -> dict[str, Any]:
         """Train (or finish training) one run; returns its training record."""
-        from difftime.config import merge, read_json_file, validate
-        from difftime.io import save_json
-        from difftime.train import Trainer
-
         record_path = run_dir / "study-train.json"
         if record_path.is_file():
             return read_json_file(record_path, "training record")
         config = merge(self.config, {"train": {"T": T_train}})
         validate(config)
-        trainer = Trainer(config, dataset, device=self.device)
-        if (run_dir / "config.json").is_file():  # an interrupted study: finish the run from its last checkpoint
-            trainer.load(run_dir)
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            trainer.write_config(run_dir)
-        resumed_at = trainer.step
-        start = time.perf_counter()
-        last = trainer.fit(run_dir, progress=self.progress)
-        record = {"run": str(run_dir), "T_train": T_train, "steps": trainer.step, "resumed_at_step": resumed_at,
-                  "last_loss": last.get("loss"), "params": sum(p.numel() for p in trainer.model.parameters()),
-                  "wall_s": time.perf_counter() - start}
+        # An interrupted study finishes the run from its last checkpoint.
+        result = train_run(config, run_dir, resume=(run_dir / "config.json").is_file(), device=self.device,
+                           progress=self.progress)
+        record = {"run": str(run_dir), "T_train": T_train, "steps": result.step,
+                  "resumed_at_step": result.resumed_at_step, "last_loss": result.last_loss, "params": result.params,
+                  "wall_s": result.wall_s}
         save_json(record_path, record)
         return record
 
@@ -186,9 +179,6 @@ class Study:
         """Real training examples scored like samples, as many per subset as each cell samples: the
         best a perfect model can score at this sample size, and, over disjoint subsets, how much a
         score moves from one draw to the next."""
-        from difftime.io import read_json_file, save_json
-        from difftime.metrics import quality_metrics
-
         path = self.out / "data_floor.json"
         if path.is_file():
             return read_json_file(path, "data floor")
@@ -205,9 +195,6 @@ class Study:
     # --- one cell ----------------------------------------------------------------------------
     def _prior(self, run, family: str, T: float, dataset) -> tuple[Any, dict[str, Any]]:
         """The run's prior at T: loaded when already fitted, fitted and stored otherwise."""
-        from difftime.evaluate import resolve_prior
-        from difftime.priors import fit_run_prior, prior_dir
-
         s = self.settings
         if family == "standard" or (prior_dir(run.path, family, T) / "config.json").is_file():
             return resolve_prior(run, family, T), {"fitted_now": False}
@@ -219,8 +206,6 @@ class Study:
     def _horizon(self, T: float, families: list[str], run, dataset, sweep: list[int]) -> list[dict[str, Any]]:
         """The cells of ``families`` at T. One likelihood pass serves them all: the priors share
         the dequantization, the (t, z) and x_T draws and the PF-ODE solve."""
-        from difftime.evaluate import likelihood_metrics
-
         s = self.settings
         priors, info, fit_s = {}, {}, {}
         for family in families:
@@ -244,12 +229,6 @@ class Study:
     def _cell(self, T: float, eps: float, family: str, prior, prior_info: dict[str, Any],
               likelihood: dict[str, Any], wall: dict[str, float], run, dataset, sweep: list[int]) -> dict[str, Any]:
         """Sample quality of one T x prior at every step budget, its grid, and the cell record."""
-        from difftime.evaluate import draw_samples
-        from difftime.io import atomic_write_bytes, save_json
-        from difftime.metrics import quality_metrics
-        from difftime.plots import save_samples_figure
-        from difftime.sampling import steps_for_horizon
-
         s = self.settings
         seed = self.config["seed"]
         budgets = [("proportional", steps_for_horizon(T, s["steps_per_unit_time"])), ("fixed", s["fixed_steps"])]
@@ -278,27 +257,30 @@ class Study:
         name = cell_name(T, family)
         buf = io.BytesIO()
         np.savez(buf, samples=samples, T=T, eps=eps, prior=family, sampler=sampler, nfe=nfe, seed=seed)
-        atomic_write_bytes(self.out / "samples" / f"{name}.npz", buf.getvalue())
+        artifacts = {"samples": f"samples/{name}.npz"}
+        atomic_write_bytes(self.out / artifacts["samples"], buf.getvalue())
         if dataset.is_image or samples.shape[-1] == 2:
+            artifacts["grid"] = f"samples/{name}.png"
             save_samples_figure(samples[: s["grid_images"]] if dataset.is_image else samples,
-                                self.out / "samples" / f"{name}.png",
-                                title=f"T={T:g}, {family} prior, {sampler}, NFE={nfe}")
+                                self.out / artifacts["grid"], title=f"T={T:g}, {family} prior, {sampler}, NFE={nfe}")
         wall["sampling_s"] = sum(r["sample_wall_s"] for r in sampling)
         wall["quality_metrics_s"] = sum(r["metrics_wall_s"] for r in sampling)
         cell = {"T": T, "eps": eps, "prior": family, "run": str(run.path),
                 "T_train": run.config["config"]["train"]["T"], "prior_info": prior_info, "likelihood": likelihood,
-                "sampling": sampling, "wall": wall}
+                "sampling": sampling, "wall": wall, "artifacts": artifacts}
         save_json(self.out / "cells" / f"{name}.json", cell)
         return cell
 
     # --- the whole study ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from difftime.data import load_data
-        from difftime.io import load_run, read_json_file
-        from difftime.report import write_report
-        from difftime.sampling import steps_for_horizon
-        from difftime.train import versions
+        """Measure every missing cell and write the report, holding the study directory's lock."""
+        if self.out.exists() and not self.out.is_dir():
+            raise DifftimeError(f"{self.out} exists and is not a directory; choose a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.out / LOCK_FILE, f"study {self.out}"):
+            return self._run()
 
+    def _run(self) -> dict[str, Any]:
         self._claim_directory()
         s = self.settings
         run_dirs = self._run_dirs()
@@ -348,11 +330,9 @@ class Study:
 def study_config(preset: str | None, config_file: str | None, overrides: dict[str, Any],
                  run: str | None = None) -> dict[str, Any]:
     """The study's full config. With a pretrained ``run``, its training config replaces the preset's."""
-    from difftime.config import build_config, merge, read_json_file, validate
-
     config = build_config(preset, config_file, overrides)
     if run is not None:
-        saved = read_json_file(Path(run) / "config.json", "run config")
+        saved = read_run_config(run)
         if not isinstance(saved.get("config"), dict):
             raise DifftimeError(f"{Path(run) / 'config.json'} has no 'config' object; is it a difftime run?")
         base = {k: v for k, v in saved["config"].items() if k != "study"}

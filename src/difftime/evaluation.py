@@ -17,16 +17,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from difftime.errors import DifftimeError
-from difftime.io import Run
 from difftime.likelihood import bits_per_dim, elbo, full_precision, ode_flow
+from difftime.priors import StandardPrior, load_prior, prior_dir
+from difftime.rng import stream_seed
+from difftime.run import Run
+from difftime.sampling import SAMPLERS
 
 LIKELIHOOD_METRICS = ("elbo", "nll")
 
 
 def resolve_prior(run: Run, family: str, T: float):
     """The run's prior of ``family`` at T: built for ``standard``, loaded from priors/ otherwise."""
-    from difftime.priors import StandardPrior, load_prior, prior_dir
-
     T, _ = run.sde.check_horizon(T)
     if family == "standard":
         return StandardPrior.for_sde(run.sde, T, run.shape)
@@ -62,8 +63,6 @@ def draw_samples(
     Returns (samples, NFE per sample, wall seconds). One generator drives the prior draw and
     every sampler batch, so a seed fixes the samples whatever the batch size.
     """
-    from difftime.sampling import SAMPLERS
-
     if sampler not in SAMPLERS:
         raise DifftimeError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     T, eps = run.sde.check_horizon(T, eps)
@@ -115,9 +114,6 @@ def likelihood_metrics(
     standard one, E log nu(x_T) - E log N(x_T) on shared draws, equals KL(p_T||N) - KL(p_T||nu):
     a measured lower bound on KL(p_T||N).
     """
-    from difftime.priors import StandardPrior
-    from difftime.priors.fit import stream_seed
-
     unknown = set(metrics) - set(LIKELIHOOD_METRICS)
     if unknown:
         raise DifftimeError(f"unknown likelihood metrics {sorted(unknown)}; expected {LIKELIHOOD_METRICS}")

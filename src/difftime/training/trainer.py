@@ -1,102 +1,39 @@
-"""Denoising score matching on a free horizon, and the trainer that writes run directories."""
+"""The trainer: model, EMA, optimizer, data order and RNG streams of one run, written through
+:mod:`difftime.run`."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from difftime import __version__, distributed
+from difftime import distributed
 from difftime.config import net_config, sde_config
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
-from difftime.io import (
-    CHECKPOINT_FILES,
-    CHECKPOINTS,
-    FORMAT_VERSION,
-    atomic_write_bytes,
-    checkpoint_dir,
-    encode_tensors,
-    fsync_dir,
-    load_state_dict_strict,
-    load_tensors,
-    read_checked_json,
-    save_checked_json,
-    save_json,
-    saved_checkpoints,
-)
+from difftime.io import encode_tensors, load_state_dict_strict, load_tensors, read_checked_json
 from difftime.nets import net_from_config
-from difftime.sde import SDE, sde_from_config
-
-
-def sample_time(
-    sde: SDE,
-    n: int,
-    T: float,
-    eps: float,
-    weighting: str,
-    importance_sampling: bool,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-) -> tuple[Tensor, Tensor]:
-    """Draw t on [eps, T] and the per-example weight that makes the DSM loss unbiased.
-
-    With ``weighting="standard"`` (lambda = v) the loss is ||eps_hat - z||^2 under uniform t.
-    With ``weighting="likelihood"`` (lambda = g^2) the integrand is (g^2/v) ||eps_hat - z||^2;
-    importance sampling draws t with density g^2/(v Z), leaving the constant weight Z.
-    """
-    u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
-    if weighting == "likelihood" and importance_sampling:
-        t = sde.importance_sample_t(u, T, eps)
-        weight = torch.full_like(t, sde.importance_Z(T, eps))
-    else:
-        t = eps + (T - eps) * u
-        weight = sde.g2(t) / sde.v(t) * (T - eps) if weighting == "likelihood" else torch.ones_like(t)
-    return t.float(), weight.float()
-
-
-def dsm_loss(
-    model: nn.Module,
-    sde: SDE,
-    x0: Tensor,
-    t: Tensor,
-    weight: Tensor,
-    generator: torch.Generator | None = None,
-    z: Tensor | None = None,
-) -> Tensor:
-    """Per-example weighted eps-matching loss, averaged over dimensions; shape (B,).
-
-    The noise ``z`` is drawn from ``generator`` unless given.
-    """
-    xt, z = sde.marginal_sample(x0, t, generator, z)
-    eps_hat = model(xt, t).float()
-    return weight * (eps_hat - z).pow(2).flatten(1).mean(1)
-
-
-def versions() -> dict[str, str]:
-    """Versions of difftime and the libraries whose numerics a result depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"difftime": __version__, "python": sys.version.split()[0]}
-    for package in ("torch", "numpy", "torchdiffeq", "zuko", "safetensors", "scipy"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return found
+from difftime.rng import stream_seed
+from difftime.run import (
+    newest_checkpoint,
+    publish_checkpoint,
+    save_checkpoint,
+    tidy,
+    write_run_config,
+)
+from difftime.sde import sde_from_config
+from difftime.training.loss import dsm_loss, sample_time
 
 
 class Trainer:
@@ -161,8 +98,6 @@ class Trainer:
     def _noise_seed(self, rank: int) -> int:
         if rank == 0 or self.shared_noise:
             return self.config["seed"] + 2
-        from difftime.priors.fit import stream_seed
-
         return stream_seed(self.config["seed"] + 2, rank)
 
     # --- one step ------------------------------------------------------------------------
@@ -282,12 +217,7 @@ class Trainer:
         }
 
     def write_config(self, run_dir: str | Path) -> None:
-        save_json(Path(run_dir) / "config.json", {
-            "format_version": FORMAT_VERSION,
-            "config": self.config,
-            "resolved": self.resolved(),
-            "versions": versions(),
-        })
+        write_run_config(run_dir, self.config, self.resolved())
 
     def _check_finite_weights(self, run_dir: Path) -> None:
         for name, module in (("model", self.model), ("EMA", self.ema.module)):
@@ -331,16 +261,9 @@ class Trainer:
             "optim_param_groups": opt["param_groups"],
             "skipped_steps": self.skipped,
             "world_size": self.world,
-            "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
         }
-        _write_checkpoint(checkpoint_dir(run_dir, self.step), files, meta)
-        # Without state.json the top level reads as incomplete, so a kill while it is being
-        # replaced sends load and load_run to the folder just written.
-        (run_dir / "state.json").unlink(missing_ok=True)
-        _write_checkpoint(run_dir, files, meta)
+        save_checkpoint(run_dir, self.step, files, meta, keep=self.tr["keep_checkpoints"])
         self.saved_step = self.step
-        for old in saved_checkpoints(run_dir)[: -self.tr["keep_checkpoints"]]:
-            _remove_checkpoint(old)
         distributed.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 
     def load(self, run_dir: str | Path) -> None:
@@ -351,13 +274,7 @@ class Trainer:
         at step 0, which its config rebuilds exactly.
         """
         run_dir = Path(run_dir)
-        source, step = None, 0
-        if (run_dir / "state.json").is_file():
-            source = run_dir
-            step = read_checked_json(run_dir / "state.json", "checkpoint state").get("step", 0)
-        newest = saved_checkpoints(run_dir)[-1:]
-        if newest and (source is None or _checkpoint_step(newest[0]) > step):
-            source = newest[0]
+        source = newest_checkpoint(run_dir)
         if source is not None:
             meta = self._restore(source)
             self.saved_step = self.step
@@ -371,11 +288,8 @@ class Trainer:
                       + ("the shared noise stream continues unchanged" if self.shared_noise else
                          "per-rank noise streams follow the process count, so the run continues, but not "
                          f"bitwise as it would have on {saved_world}"), file=sys.stderr)
-            if source != run_dir:
-                (run_dir / "state.json").unlink(missing_ok=True)
-                _write_checkpoint(run_dir, {name: (source / name).read_bytes() for name in CHECKPOINT_FILES}, meta)
-        _remove_leftovers(run_dir, self.step)
-        _truncate_log(run_dir / "metrics.jsonl", self.step)
+            publish_checkpoint(run_dir, source)
+        tidy(run_dir, self.step)
 
     def _restore(self, source: Path) -> dict[str, Any]:
         meta = read_checked_json(source / "state.json", "checkpoint state")
@@ -412,46 +326,3 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise DifftimeError(f"{source} holds an unusable checkpoint: {exc}") from None
         return meta
-
-
-def _write_checkpoint(folder: Path, files: dict[str, bytes], meta: dict[str, Any]) -> None:
-    """The weight files first, state.json last: a folder with a state.json is a complete checkpoint."""
-    for name, data in files.items():
-        atomic_write_bytes(folder / name, data)
-    save_checked_json(folder / "state.json", meta)
-
-
-def _checkpoint_step(folder: Path) -> int:
-    return int(folder.name.removeprefix("step-"))
-
-
-def _remove_checkpoint(folder: Path) -> None:
-    (folder / "state.json").unlink(missing_ok=True)  # first, so a half-deleted folder never looks complete
-    fsync_dir(folder)
-    shutil.rmtree(folder)
-
-
-def _remove_leftovers(run_dir: Path, step: int) -> None:
-    """Temporary files of killed writes, and checkpoint folders that are incomplete or ahead of ``step``."""
-    folders = [p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.name[5:].isdigit()]
-    for folder in (run_dir, *folders):
-        for name in (*CHECKPOINT_FILES, "state.json", "metrics.jsonl", "config.json"):
-            for tmp in folder.glob(f".{name}.*.tmp"):
-                tmp.unlink()
-    for folder in folders:
-        if not (folder / "state.json").is_file() or _checkpoint_step(folder) > step:
-            _remove_checkpoint(folder)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint, so a resumed log has no duplicate steps."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # also the torn last line of a killed run
-    atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())

@@ -1,0 +1,1 @@
+"""Importers: other libraries' checkpoints -> difftime run directories."""

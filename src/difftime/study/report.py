@@ -1,0 +1,196 @@
+"""The study report: results.json, results.csv, report.md and its plots, from the finished cells.
+
+Everything here is computed from the cells' measured numbers; nothing is assumed. The analysis
+(:mod:`~difftime.study.analysis`) decides, this module writes tables, the figures module draws.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from difftime.io import atomic_write_bytes, save_json
+from difftime.study.analysis import (
+    LOWER_IS_BETTER,
+    best_T,
+    claims,
+    data_floor,
+    flat_rows,
+    nfe_savings,
+    primary_metric,
+    quality_columns,
+)
+from difftime.study.figures import write_plots
+
+
+def _csv(rows: list[dict[str, Any]]) -> bytes:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _in_unit(cell: dict[str, Any], scale: float) -> dict[str, Any]:
+    """A copy of ``cell`` whose bits/dim figures are multiplied by ``scale`` (d ln 2 gives nats per example)."""
+    if scale == 1.0:
+        return cell
+    lk = cell["likelihood"]
+    elbo = {k: v * scale if k.endswith(("bpd", "bpd_se")) else v for k, v in lk["elbo"].items()}
+    nll = {k: v * scale if k in ("bpd", "bpd_se") else v for k, v in lk["nll"].items()}
+    return {**cell, "likelihood": {**lk, "elbo": elbo, "nll": nll}}
+
+
+def _f(x: float, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --- analyses ------------------------------------------------------------------------------------
+def write_report(summary: dict[str, Any], out: str | Path) -> None:
+    out = Path(out)
+    cells = sorted(summary["cells"], key=lambda c: (c["T"], summary["settings"]["priors"].index(c["prior"])
+                                                     if c["prior"] in summary["settings"]["priors"] else 99))
+    summary = {**summary, "cells": cells}
+    s, config = summary["settings"], summary["config"]
+    metric = primary_metric(cells)
+    samplers = s["samplers"]
+    floor_metrics, floor_sd = data_floor(summary.get("data_floor"))
+    floor = (floor_metrics[metric], floor_sd.get(metric)) if metric and metric in floor_metrics else None
+    # Continuous data has no bits/dim: its likelihoods are shown in nats per example (DESIGN §3).
+    continuous = cells[0]["likelihood"]["levels"] is None
+    unit, short = ("nats/example", "nats") if continuous else ("bits/dim", "bpd")
+    scale = cells[0]["likelihood"]["dim"] * math.log(2) if continuous else 1.0
+    shown = [_in_unit(c, scale) for c in cells]
+    analyses = {"primary_metric": metric, "best_T": best_T(cells, metric, samplers),
+                "nfe_savings": nfe_savings(cells, metric, samplers, summary["T_ref"]) if metric else [],
+                "claims": [c.to_dict() for c in claims(shown, metric, samplers, summary["T_ref"], s["mode"], floor,
+                                                       unit)]}
+    summary["analyses"] = analyses
+    rows = flat_rows(cells)
+    save_json(out / "results.json", summary)
+    atomic_write_bytes(out / "results.csv", _csv(rows))
+    plots = write_plots({**summary, "cells": shown}, out, metric, unit)
+    cells = shown
+
+    first = cells[0]["likelihood"]
+    md = [f"# How much diffusion time is enough? A difftime study on `{config['data']}`", ""]
+    md.append(f"Mode `{s['mode']}`, {config['sde']['kind'].upper()} SDE, eps = {first['eps']:g}, "
+              f"T in {{{', '.join(f'{T:g}' for T in s['T_grid'])}}}, priors {', '.join(s['priors'])}, "
+              f"samplers {', '.join(samplers)}. Seed {config['seed']}.")
+    for run, rec in summary["training"].items():
+        md.append(f"- Model `{run}`: trained on [eps, {rec['T_train']:g}] for {rec['steps']} steps, "
+                  f"{rec['params']:,} parameters, {rec['wall_s']:.0f} s.")
+    if summary.get("run"):
+        md.append(f"- Pretrained model `{summary['run']}` (not trained by this study).")
+    md.append(f"- Likelihoods: the first {first['n']} test examples, {first['dequant_repeats']} dequantization "
+              f"draw(s), ELBO with {first['elbo']['n_t']} importance-sampled t and "
+              f"{first['elbo']['n_prior']} prior draws per example, PF-ODE by dopri5 at tol {s['tol']:g} "
+              f"({s['divergence']} divergence).")
+    md.append(f"- Samples: {s['n_samples']} per entry, against the test split; step budgets: "
+              f"round({s['steps_per_unit_time']} x T) steps (NFE proportional to T) and {s['fixed_steps']} fixed "
+              f"steps.")
+    md.append("")
+    md.append(f"## Likelihood ({unit}, lower is better)")
+    md.append("")
+    md.append("The ELBO column is the sum of its four parts: prior term (-P), score term (I), constant (-R) and "
+              "the dequantization offset. KL >= is the measured prior improvement E log nu(x_T) - E log N(x_T), a "
+              "lower bound on KL(p_T || N) in nats per example.")
+    md.append("")
+    lrows = []
+    for c in cells:
+        e, n = c["likelihood"]["elbo"], c["likelihood"]["nll"]
+        kl = c["likelihood"].get("prior_improvement")
+        lrows.append([f"{c['T']:g}", c["prior"], f"{_f(e['bpd'])} +- {_f(e['bpd_se'])}", _f(e["prior_bpd"]),
+                      _f(e["score_bpd"]), _f(e["constant_bpd"]), _f(e["dequantization_bpd"]),
+                      f"{_f(n['bpd'])} +- {_f(n['bpd_se'])}", f"{n['nfe_mean']:.0f}",
+                      f"{kl['nats']:.2f} +- {kl['se']:.2f}" if kl else "-"])
+    md.append(_table(["T", "prior", f"ELBO {short}", "prior term", "score term", "constant", "dequant.",
+                      f"PF-ODE {short}", "ODE NFE", "KL(p_T||N) >="], lrows))
+    md.append("")
+    if metric:
+        md.append(f"## Sample quality ({metric.upper()} ranks; lower is better)")
+        md.append("")
+        if floor_metrics:
+            n_sub = len(summary["data_floor"]["subsets"])
+            md.append(f"The floor: {summary['data_floor']['n_samples']} real training examples against the same "
+                      f"reference score " + ", ".join(
+                          f"{k.upper() if k in LOWER_IS_BETTER else k} {v:.3f}"
+                          + (f" +- {floor_sd[k]:.3f}" if k in floor_sd else "") for k, v in floor_metrics.items())
+                      + f" (mean +- sd over {n_sub} disjoint subsets). That is the best a perfect model can score at "
+                      "this sample size, and the sd is how far a score moves between two draws of the same "
+                      "distribution: differences smaller than about twice it are not resolved.")
+        for sampler in samplers:
+            md.append("")
+            md.append(f"### {sampler}")
+            md.append("")
+            qrows = []
+            for c in cells:
+                for r in c["sampling"]:
+                    if r["sampler"] != sampler:
+                        continue
+                    q = quality_columns(r)
+                    qrows.append([f"{c['T']:g}", c["prior"], r["budget"], str(r["steps"]), str(r["nfe"]),
+                                  *[_f(q.get(m, math.nan)) for m in LOWER_IS_BETTER if any(m in x for x in rows)],
+                                  *([_f(q["precision"]), _f(q["recall"])] if "precision" in q else []),
+                                  f"{r['sample_wall_s']:.1f}"])
+            names = [m.upper() for m in LOWER_IS_BETTER if any(m in x for x in rows)]
+            pr = ["precision", "recall"] if any("precision" in x for x in rows) else []
+            md.append(_table(["T", "prior", "budget", "steps", "NFE", *names, *pr, "sampling s"], qrows))
+        md.append("")
+    md.append("## Best T per prior")
+    md.append("")
+    brows = []
+    for b in best_T(cells, metric, samplers):
+        quality = "; ".join(f"{k}: T={v['T']:g} ({metric.upper()} {v['value']:.3f}, NFE {v['nfe']})"
+                            for k, v in b["quality"].items()) or "-"
+        brows.append([b["prior"], f"{b['elbo_T']:g} ({b['elbo_bpd']:.3f})", f"{b['pfode_T']:g} ({b['pfode_bpd']:.3f})",
+                      quality])
+    md.append(_table(["prior", f"by ELBO ({short})", f"by PF-ODE ({short})", "by quality, NFE proportional to T"],
+                     brows))
+    md.append("")
+    if analyses["nfe_savings"]:
+        md.append(f"## NFE saving at equal quality against T={summary['T_ref']:g} with the standard prior")
+        md.append("")
+        md.append(f"The fewest NFE (budget proportional to T) at which each prior reaches the {metric.upper()} of "
+                  f"T={summary['T_ref']:g} with the standard prior, and, for a fair comparison, what "
+                  f"T={summary['T_ref']:g} with the standard prior reaches when it is given only that many NFE.")
+        md.append("")
+        srows = []
+        for v in analyses["nfe_savings"]:
+            if v["reached"]:
+                base = v["baseline_at_nfe"]
+                srows.append([v["sampler"], v["prior"], f"{v['ref_value']:.3f} @ {v['ref_nfe']}", f"{v['T']:g}",
+                              str(v["nfe"]), f"{v['value']:.3f}", f"{100 * v['saving']:.0f}%",
+                              _f(base) if base is not None else "-"])
+            else:
+                srows.append([v["sampler"], v["prior"], f"{v['ref_value']:.3f} @ {v['ref_nfe']}", "not reached",
+                              "-", "-", "-", "-"])
+        md.append(_table(["sampler", "prior", f"reference {metric.upper()} @ NFE", "T", "NFE", metric.upper(),
+                          "NFE saved", f"T={summary['T_ref']:g} standard at that NFE"], srows))
+        md.append("")
+    md.append("## Where the paper's claims held on this data")
+    md.append("")
+    md += [f"{i}. {claim['text']}" for i, claim in enumerate(analyses["claims"], 1)]
+    md.append("")
+    md.append("## Plots")
+    md.append("")
+    md += [f"![{caption}]({name})\n\n*{caption}.*\n" for name, caption in plots]
+    md.append("## Wall time per stage (seconds)")
+    md.append("")
+    wrows = [[f"{c['T']:g}", c["prior"], *[f"{c['wall'][k]:.1f}" for k in ("prior_fit_s", "likelihood_s", "sampling_s",
+                                                                             "quality_metrics_s")]] for c in cells]
+    md.append(_table(["T", "prior", "prior fit", "likelihood", "sampling", "quality metrics"], wrows))
+    md.append("")
+    md.append("Everything above is in `results.json` (with the config, seeds, sample counts and versions) and, one "
+              "row per cell x sampler x budget, in `results.csv`.")
+    atomic_write_bytes(out / "report.md", ("\n".join(md) + "\n").encode())
