@@ -13,25 +13,10 @@ import pytest
 from difftime.cli import main
 from difftime.io import sha256_file
 
-TINY = {
-    "net": {"kind": "unet", "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False},
-    "train": {"steps": 6, "batch_size": 16, "warmup": 2, "log_every": 2, "ckpt_every": 3},
-}
-
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    path.write_text(json.dumps(TINY))
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_config):
-    out = tmp_path_factory.mktemp("runs") / "digits"
-    assert main(["train", "--data", "digits", "--config", str(tiny_config), "--out", str(out),
-                 "--no-progress"]) == 0
-    return out
+def trained_run(tiny_run):
+    return tiny_run
 
 
 def _fingerprint(run):

@@ -47,17 +47,7 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("DIFFTIME_CACHE", str(tmp_path_factory.getbasetemp() / "difftime-cache"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch and one BLAS thread: on a shared 2-core machine two OpenMP threads stall each
-    other and the Inception test slows ~3-5x whenever another job runs; one keeps it predictable."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:

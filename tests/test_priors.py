@@ -43,14 +43,7 @@ def _perturb(module: torch.nn.Module, scale: float, seed: int = 0) -> None:
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: with two OpenMP threads on a shared 2-core machine, every small op
-    waits for a descheduled thread and fitting gets ~50x slower. One thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from difftime import distributed
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
 from difftime.io import exclusive_lock
-from difftime.priors.base import Prior
+from difftime.priors.base import Prior, PriorModule
 from difftime.priors.fit import fit_prior, heldout_nll, heldout_set
 from difftime.priors.flow import FLOW_KINDS, FlowPrior
 from difftime.priors.gaussian import GaussianPrior
@@ -47,6 +47,7 @@ __all__ = [
     "GaussianPrior",
     "GlowPrior",
     "Prior",
+    "PriorModule",
     "StandardPrior",
     "fit_prior",
     "fit_run_prior",
@@ -64,7 +65,7 @@ def training_data(dataset: Dataset, seed: int = 0) -> torch.Tensor:
     return dataset.scaler.encode(dataset.train, generator=torch.Generator().manual_seed(int(seed)))
 
 
-def make_prior(family: str, sde: SDE, T: float, dataset: Dataset, *, seed: int = 0, **options: Any) -> Prior:
+def make_prior(family: str, sde: SDE, T: float, dataset: Dataset, *, seed: int = 0, **options: Any) -> PriorModule:
     """Build a prior of ``family`` at horizon T, moment-matched to p_T of ``dataset.train``.
 
     ``seed`` fixes the dequantization of the moments and the network initialisation; the other
@@ -95,7 +96,7 @@ def make_prior(family: str, sde: SDE, T: float, dataset: Dataset, *, seed: int =
 
 def fit_run_prior(run_path: str | Path, sde: SDE, shape: tuple[int, ...], family: str, T: float, dataset: Dataset,
                   *, steps: int, batch_size: int, lr: float, seed: int = 0, progress: bool = True,
-                  **options: Any) -> tuple[Prior, dict[str, Any]]:
+                  **options: Any) -> tuple[PriorModule, dict[str, Any]]:
     """Build, fit and store a run's prior of ``family`` at T in ``prior_dir(run_path, family, T)``.
 
     Fitting checkpoints into a hidden sibling folder, so a killed fit rerun with the same

@@ -1,7 +1,8 @@
 """The prior interface: a density nu(x_T) on model space at one horizon T.
 
 A prior is any object with ``log_prob(x) -> (B,)`` (nats, summed over every dimension) and
-``sample(n, generator=None) -> (n, *shape)``. The library's priors subclass :class:`Prior`,
+``sample(n, generator=None) -> (n, *shape)``: the :class:`Prior` protocol, which samplers and
+likelihoods accept (an exact Gaussian in a test, say). The library's priors subclass :class:`PriorModule`,
 an ``nn.Module`` that also records its family, horizon and shape, and can describe its own
 constructor arguments (``config()``) so that ``store.load_prior`` can rebuild it.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,19 @@ from torch import Tensor, nn
 from difftime.errors import DifftimeError
 
 LOG_2PI = math.log(2 * math.pi)
+
+
+@runtime_checkable
+class Prior(Protocol):
+    """What samplers and likelihoods need of a density nu(x_T)."""
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log nu(x) in nats, summed over every dimension: shape (B,)."""
+        ...
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n draws of shape (n, *shape)."""
+        ...
 
 
 def std_normal_log_prob(z: Tensor) -> Tensor:
@@ -50,7 +64,7 @@ def check_T(T: Any, where: str) -> float:
     return T
 
 
-class Prior(nn.Module, ABC):
+class PriorModule(nn.Module, ABC):
     """A density on model space at horizon ``T`` for examples of shape ``shape``."""
 
     family: ClassVar[str]

@@ -20,7 +20,7 @@ import zuko
 from torch import Tensor, nn
 
 from difftime.errors import DifftimeError
-from difftime.priors.base import Prior, std_normal_log_prob
+from difftime.priors.base import PriorModule, std_normal_log_prob
 from difftime.priors.gaussian import DEFAULT_MAX_FULL_DIM, GaussianPrior
 from difftime.sde import SDE
 
@@ -59,7 +59,7 @@ def whitening_rotation(scale_tril: Tensor, kind: str = "pca") -> Tensor:
     return (U @ Vh).float()
 
 
-class FlowPrior(Prior):
+class FlowPrior(PriorModule):
     """A MAF, neural spline flow or RealNVP (zuko) on flattened, whitened data.
 
     ``transforms`` flow layers with ``hidden`` sizes for each hyper-network; ``bins`` is used by

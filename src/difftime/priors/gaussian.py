@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from difftime.errors import DifftimeError
-from difftime.priors.base import Prior, std_normal_log_prob
+from difftime.priors.base import PriorModule, std_normal_log_prob
 from difftime.sde import SDE
 
 DEFAULT_MAX_FULL_DIM = 4096
@@ -61,7 +61,7 @@ def safe_cholesky(cov: Tensor) -> Tensor:
     raise DifftimeError("GaussianPrior: the covariance is not positive definite even with jitter")
 
 
-class GaussianPrior(Prior):
+class GaussianPrior(PriorModule):
     """N(mean, L L^T) with a full Cholesky factor, or N(mean, diag(std^2)) when ``diagonal``.
 
     Build it with :meth:`from_data` (moment matching to p_T) or :meth:`from_moments`; the

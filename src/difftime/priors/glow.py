@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difftime.errors import DifftimeError
-from difftime.priors.base import Prior, std_normal_log_prob
+from difftime.priors.base import PriorModule, std_normal_log_prob
 from difftime.priors.flow import whitening_rotation
 from difftime.priors.gaussian import GaussianPrior
 from difftime.sde import SDE
@@ -178,7 +178,7 @@ class SplitPrior(nn.Module):
         return torch.cat([h, mu + eps * logsig.exp()], 1)
 
 
-class GlowPrior(Prior):
+class GlowPrior(PriorModule):
     """Multi-scale Glow on images, based at the diagonal moment-matched Gaussian of p_T."""
 
     family = "glow"

@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from difftime.errors import DifftimeError
-from difftime.priors.base import LOG_2PI, Prior
+from difftime.priors.base import LOG_2PI, PriorModule
 from difftime.sde import SDE
 
 
-class StandardPrior(Prior):
+class StandardPrior(PriorModule):
     """N(0, std^2 I): what a diffusion model trained to T = T_max normally samples from."""
 
     family = "standard"

@@ -24,7 +24,7 @@ from difftime.io import (
     save_tensors,
     sha256_file,
 )
-from difftime.priors.base import Prior
+from difftime.priors.base import PriorModule
 from difftime.priors.flow import FlowPrior
 from difftime.priors.gaussian import GaussianPrior
 from difftime.priors.glow import GlowPrior
@@ -33,7 +33,7 @@ from difftime.priors.standard import StandardPrior
 PRIOR_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "prior.safetensors"
-PRIOR_FAMILIES: dict[str, type[Prior]] = {
+PRIOR_FAMILIES: dict[str, type[PriorModule]] = {
     cls.family: cls for cls in (StandardPrior, GaussianPrior, FlowPrior, GlowPrior)
 }
 
@@ -43,9 +43,9 @@ def prior_dir(run_dir: str | Path, family: str, T: float) -> Path:
     return Path(run_dir) / "priors" / f"{family}-T{float(T):g}"
 
 
-def save_prior(prior: Prior, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_prior(prior: PriorModule, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the prior's weights and config (plus JSON-ready ``extra``, e.g. fit results)."""
-    if not isinstance(prior, Prior) or PRIOR_FAMILIES.get(prior.family) is not type(prior):
+    if not isinstance(prior, PriorModule) or PRIOR_FAMILIES.get(prior.family) is not type(prior):
         raise DifftimeError(f"save_prior: got {type(prior).__name__}; expected one of the library's priors")
     directory = Path(directory)
     staging = _sibling(directory, "new")
@@ -84,7 +84,7 @@ def _finish_swap(directory: Path) -> None:
         os.rename(old, directory)
 
 
-def load_prior(directory: str | Path) -> Prior:
+def load_prior(directory: str | Path) -> PriorModule:
     """Rebuild a prior saved by :func:`save_prior`, strictly: any mismatch is a DifftimeError."""
     directory = Path(directory)
     _finish_swap(directory)
