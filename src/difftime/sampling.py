@@ -1,18 +1,102 @@
-"""Reverse-time samplers on [eps, T], k-diffusion style: small tensor-in, tensor-out functions.
+"""Reverse-time samplers on [eps, T], k-diffusion / DPM-Solver style: one file, maths in docstrings.
 
-Every sampler takes the start x_T (drawn from whatever prior the caller chose), the horizon
-(T, eps) and a step count, integrates on the uniform grid T = t_0 > ... > t_N = eps with
-dt = (T - eps) / N, ends with the Tweedie denoising step, and returns the samples together
-with the exact number of network evaluations (NFE).
+Every sampler has the signature
+
+    sampler(model, sde, x_T, T, eps, steps, generator=None, *, spacing=..., ts=None, denoise=True,
+            **options) -> (x0, nfe)
+
+It starts from x_T (drawn from whatever prior the caller chose) and integrates on a descending grid
+T = t_0 > t_1 > ... > t_N = eps. The grid is either ``ts`` (then T, eps and steps are read from it
+and the arguments are ignored) or :func:`timesteps` (sde, T, eps, steps, spacing). With
+``denoise=True`` the run ends with Tweedie's step at eps, x0 = (x_eps - sigma(eps) eps_hat) / m(eps);
+otherwise it returns x_eps. The returned NFE is the exact number of network calls, the Tweedie
+call included.
+
+Notation (DESIGN section 3). The kernel is p(x_t | x_0) = N(m_t x_0, sigma_t^2 I); the log-SNR is
+lambda_t = log(m_t / sigma_t), strictly decreasing in t; sigma_tilde = sigma/m = exp(-lambda) and
+x_tilde = x/m. The network predicts eps_hat(x, t); its data prediction is
+x0_hat(x, t) = (x - sigma_t eps_hat) / m_t.
+
+Classic samplers (grid default ``"time"``, uniform in t):
+  - ``em``: Euler-Maruyama on the reverse SDE dx = [f - g^2 s] dt + g dW_bar, s = -eps_hat/sigma;
+  - ``pc``: reverse-diffusion predictor plus Langevin corrector (Song et al. 2021);
+  - ``euler``, ``heun``: the probability-flow ODE dx/dt = f - g^2 s / 2 with Euler or Heun;
+  - ``dopri5``: adaptive Dormand-Prince (torchdiffeq) on the same ODE; only T and eps of the grid count.
+
+Exponential integrators (grid default ``"logsnr"``). In lambda the PF-ODE is semi-linear, and its
+exact solution from s to t (t < s, step h = lambda_t - lambda_s > 0) is (Lu et al. 2022, DPM-Solver++)
+
+    x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^{lambda} x0_hat(x_lambda) dlambda.
+
+Expanding x0_hat = D0 + u x0' + u^2/2 x0'' in u = lambda - lambda_s and integrating exactly, with
+phi_1 = 1 - e^{-h}, phi_2 = phi_1/h - 1 (~ -h/2) and phi_3 = (h - phi_1)/h^2 - 1/2 (~ -h/6):
+
+    x_t = (sigma_t / sigma_s) x_s + m_t phi_1 D0 - m_t phi_2 D1 - m_t phi_3 D2,
+
+where D0 = x0_hat(x_s, s), D1 = h x0' + O(h^3) and D2 = h^2 x0'' + O(h^3) come from the stored
+x0_hats of the previous steps (multistep: one network call per step):
+  - ``ddim``: order 1, D1 = D2 = 0; x_t = (sigma_t/sigma_s) x_s - m_t (e^{-h} - 1) x0_hat_s, which is
+    DDIM (eta = 0) written in lambda;
+  - ``dpm++2m``: order 2, midpoint form: with the previous step h_0 = lambda_s - lambda_prev and
+    r0 = h_0 / h, D1 = (D0 - x0_hat_prev) / r0, and the D1 term is (1/2) m_t phi_1 D1, i.e.
+    x_t = (sigma_t/sigma_s) x_s + m_t phi_1 [(1 + 1/(2 r0)) D0 - 1/(2 r0) x0_hat_prev];
+  - ``dpm++3m``: order 3: with r0 = h_0/h, r1 = h_1/h, D1_0 = (D0 - x0_prev)/r0,
+    D1_1 = (x0_prev - x0_prev2)/r1, D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1) and
+    D2 = 2 (D1_0 - D1_1)/(r0 + r1). The reference code (DPM-Solver's ``multistep_dpm_solver_third_update``,
+    diffusers' and k-diffusion's 3M) uses D2 = (D1_0 - D1_1)/(r0 + r1) = h^2 x0''/2 with the same
+    phi_3 term: that step is not exact for x0_hat quadratic in lambda, and measured on Gaussian data
+    its global order is 2 (slope 2.1 against 4.0 here at VP, T = 1). So difftime's 3M is not
+    diffusers' ``solver_order=3``.
+  Warm-up: step i (0-based) has only i earlier x0_hats, so its order is at most i + 1.
+  Corrected start (``corrected_start``, default for 3M and iPNDM): a lower-order first step caps a
+  multistep method's global order at 2, because its O(h^2) error is never undone. The network call
+  at (x_1, t_1) that step 1 needs anyway also gives the second-order (trapezoidal in lambda) step
+  x_1 = (sigma_1/sigma_0) x_0 + m_1 [phi_1 x0_0 - phi_2 (x0_1 - x0_0)], exact for x0_hat linear in
+  lambda; step 1 then starts from that x_1 with the same x0_1. No extra network call, and the
+  order is 3 again (measured 3.1 on VP at T = 0.5, against 2.1 without it).
+  Lower-order final steps (``lower_order_final=True``, as DPM-Solver++ and diffusers): when the run
+  has fewer than 15 solver steps, counting the Tweedie step as one (it is the order-1 step to
+  sigma = 0), step i has order at most (steps + denoise) - i. So the last steps drop to order 2 and
+  1, and a 3M with fewer steps than its order just runs at lower order. With ``denoise=True`` this
+  is diffusers' ``final_sigmas_type="zero"`` and with ``denoise=False`` its ``"sigma_min"``.
+  - ``dpm++2m-sde``: the SDE variant (Lu et al. 2022, diffusers ``algorithm_type="sde-dpmsolver++"``,
+    midpoint form). The exact solution of the reverse SDE in lambda has the linear part
+    (sigma_t/sigma_s) e^{-h}, the data part m_t (1 - e^{-2h}) and Gaussian noise of variance
+    sigma_t^2 (1 - e^{-2h}):
+        x_t = (sigma_t/sigma_s) e^{-h} x_s + m_t (1 - e^{-2h}) (D0 + D1/2) + sigma_t sqrt(1 - e^{-2h}) z,
+    with D1 as in 2M (D1 = 0 at order 1), the same warm-up and final-order rules, z ~ N(0, I) from
+    ``generator``.
+  - ``ipndm``: improved PNDM (Zhang & Chen 2023) in x_tilde = x/m against sigma_tilde, where the
+    PF-ODE is dx_tilde/dsigma_tilde = eps_hat(x, t). An Adams-Bashforth step on the stored eps_hats
+    e_i, e_{i-1}, ... at order min(4, i + 1) (warm-up 1, 2, 3):
+        x_tilde_{i+1} = x_tilde_i + (sigma_tilde_{i+1} - sigma_tilde_i) sum_j b_j e_{i-j},
+    in x: x_{i+1} = (m_{i+1}/m_i) x_i + m_{i+1} (sigma_tilde_{i+1} - sigma_tilde_i) sum_j b_j e_{i-j}.
+    On a grid uniform in sigma_tilde the b_j are (1), (3, -1)/2, (23, -16, 5)/12 and
+    (55, -59, 37, -9)/24. On any other grid (the log-SNR grid is geometric in sigma_tilde) these fixed
+    weights make the method second order only, so by default (``variable_step=True``) the b_j are the
+    Adams-Bashforth weights of the actual nodes: the integral over the step of the polynomial through
+    the stored (sigma_tilde, eps_hat) pairs, divided by the step. ``variable_step=False`` keeps the
+    fixed weights (k-diffusion's ``sample_ipndm``). The first step takes the corrected start above.
+
+Step coefficients are computed in float64 from the SDE's closed forms (m, sigma, lambda) and
+applied as Python floats, i.e. in the tensor's own dtype.
 """
 
 from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from difftime.errors import DifftimeError
 from difftime.sde import SDE, broadcast_to
+
+SPACINGS = ("time", "logsnr", "quadratic", "karras")
+# DPM-Solver++ / diffusers use lower-order final steps only for runs shorter than this.
+LOWER_ORDER_FINAL_BELOW = 15
 
 
 def time_grid(T: float, eps: float, steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -22,6 +106,76 @@ def time_grid(T: float, eps: float, steps: int, dtype: torch.dtype = torch.float
     return torch.linspace(T, eps, steps + 1, dtype=torch.float64).to(dtype)
 
 
+def timesteps(
+    sde: SDE, T: float, eps: float, steps: int, spacing: str = "logsnr", rho: float = 7.0
+) -> Tensor:
+    """The float64 grid T = t_0 > t_1 > ... > t_N = eps of N = ``steps`` steps.
+
+    With lambda(t) = log(m/sigma) and sigma_tilde = exp(-lambda), for i = 0..N:
+      - ``time``: t_i = T - i (T - eps)/N;
+      - ``logsnr``: lambda_i = lambda(T) + i/N (lambda(eps) - lambda(T));
+      - ``quadratic``: t_i = eps + (T - eps) (1 - i/N)^2, denser near eps;
+      - ``karras``: sigma_tilde_i = (st_max^(1/rho) + i/N (st_min^(1/rho) - st_max^(1/rho)))^rho with
+        st_max = sigma_tilde(T), st_min = sigma_tilde(eps) (Karras et al. 2022, in sigma/m).
+    The log-SNR grids map back with the SDE's closed-form ``t_from_log_snr``; the ends are set to
+    exactly T and eps.
+    """
+    if spacing not in SPACINGS:
+        raise DifftimeError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+    try:
+        n = operator.index(steps)
+    except TypeError:
+        raise DifftimeError(f"steps must be an integer >= 1, got {steps!r}") from None
+    if isinstance(steps, bool) or n < 1:
+        raise DifftimeError(f"steps must be an integer >= 1, got {steps!r}")
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise DifftimeError(f"rho must be a positive number, got {rho!r}")
+    T, eps = sde.check_horizon(T, eps)
+    if spacing == "time":
+        grid = time_grid(T, eps, n, torch.float64)
+    elif spacing == "quadratic":
+        u = 1 - torch.arange(n + 1, dtype=torch.float64) / n
+        grid = eps + (T - eps) * u**2
+    else:
+        lam_T, lam_eps = sde.log_snr(torch.tensor([T, eps], dtype=torch.float64)).tolist()
+        if spacing == "logsnr":
+            lam = torch.linspace(lam_T, lam_eps, n + 1, dtype=torch.float64)
+        else:  # karras: sigma_tilde^(1/rho) = exp(-lambda/rho), uniform
+            a, b = math.exp(-lam_T / rho), math.exp(-lam_eps / rho)
+            lam = -rho * torch.log(a + torch.arange(n + 1, dtype=torch.float64) / n * (b - a))
+        grid = sde.t_from_log_snr(lam)
+    grid[0], grid[-1] = T, eps
+    if not bool((grid[1:] < grid[:-1]).all()):
+        raise DifftimeError(
+            f"{n} {spacing} steps on [{eps:g}, {T:g}] do not give strictly decreasing float64 times; use fewer steps"
+        )
+    return grid
+
+
+def check_grid(sde: SDE, ts: Tensor | Sequence[float]) -> Tensor:
+    """An explicit grid as a float64 CPU tensor: 1-D, at least 2 finite times, strictly decreasing,
+    within (0, T_max]."""
+    # A Python list must not pass through float32 (torch's default dtype) on its way to float64.
+    try:
+        grid = ts.detach().to("cpu", torch.float64) if isinstance(ts, Tensor) else torch.tensor(ts, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DifftimeError(f"ts must be a 1-D sequence of times: {exc}") from None
+    if grid.dim() != 1 or len(grid) < 2 or not bool(torch.isfinite(grid).all()):
+        raise DifftimeError(f"ts must be a 1-D grid of at least 2 finite times, got shape {tuple(grid.shape)}")
+    if not bool((grid[1:] < grid[:-1]).all()):
+        raise DifftimeError("ts must be strictly decreasing, from T down to eps")
+    sde.check_horizon(float(grid[0]), float(grid[-1]))
+    return grid
+
+
+def _grid(sde: SDE, T: float | None, eps: float | None, steps: int | None, spacing: str,
+          ts: Tensor | Sequence[float] | None) -> Tensor:
+    """The float64 CPU grid of a sampler call: ``ts`` if given, else ``timesteps``."""
+    if ts is not None:
+        return check_grid(sde, ts)
+    return timesteps(sde, T, eps, steps, spacing)
+
+
 def steps_for_horizon(T: float, steps_per_unit_time: float) -> int:
     """The paper's cost model: a step count proportional to T, so the NFE scales with T."""
     if not steps_per_unit_time > 0:
@@ -29,11 +183,20 @@ def steps_for_horizon(T: float, steps_per_unit_time: float) -> int:
     return max(1, round(steps_per_unit_time * T))
 
 
-def denoise(model: nn.Module, sde: SDE, x: Tensor, eps: float) -> Tensor:
-    """Tweedie's step at t = eps: x0 = (x - sigma(eps) eps_hat) / m(eps)."""
+def tweedie(model: nn.Module, sde: SDE, x: Tensor, eps: float) -> Tensor:
+    """Tweedie's step at t = eps: x0 = (x - sigma(eps) eps_hat) / m(eps). One network call."""
     t = torch.full((len(x),), eps, dtype=x.dtype, device=x.device)
     eps_hat = model(x, t).to(x.dtype)
     return (x - broadcast_to(sde.sigma(t), x) * eps_hat) / broadcast_to(sde.m(t), x)
+
+
+def _finish(model: nn.Module, sde: SDE, x: Tensor, eps: float, nfe: int, denoise: bool) -> tuple[Tensor, int]:
+    if denoise:
+        return tweedie(model, sde, x, eps), nfe + 1
+    return x, nfe
+
+
+# --- classic samplers (uniform-in-t grid by default) --------------------------------------------
 
 
 @torch.no_grad()
@@ -41,14 +204,19 @@ def euler_maruyama(
     model: nn.Module,
     sde: SDE,
     x_T: Tensor,
-    T: float,
-    eps: float,
-    steps: int,
+    T: float | None,
+    eps: float | None,
+    steps: int | None,
     generator: torch.Generator | None = None,
+    *,
+    spacing: str = "time",
+    ts: Tensor | Sequence[float] | None = None,
+    denoise: bool = True,
 ) -> tuple[Tensor, int]:
     """Euler-Maruyama on the reverse SDE dx = [f - g^2 s] dt + g dW, s = -eps_hat / sigma."""
-    T, eps = sde.check_horizon(T, eps)
-    ts = time_grid(T, eps, steps, x_T.dtype).to(x_T.device)
+    grid = _grid(sde, T, eps, steps, spacing, ts)
+    steps, eps = len(grid) - 1, float(grid[-1])
+    ts = grid.to(x_T.dtype).to(x_T.device)
     x = x_T
     for i in range(steps):
         t = ts[i].expand(len(x))
@@ -59,7 +227,7 @@ def euler_maruyama(
         x = x - (sde.drift(x, t) + score_term) * dt
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x = x + (g2 * dt).sqrt() * noise
-    return denoise(model, sde, x, eps), steps + 1
+    return _finish(model, sde, x, eps, steps, denoise)
 
 
 def probability_flow_drift(model: nn.Module, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
@@ -70,26 +238,30 @@ def probability_flow_drift(model: nn.Module, sde: SDE, x: Tensor, t: Tensor) -> 
 
 @torch.no_grad()
 def ode_euler(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float, eps: float, steps: int,
-    generator: torch.Generator | None = None,
+    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
+    generator: torch.Generator | None = None, *, spacing: str = "time",
+    ts: Tensor | Sequence[float] | None = None, denoise: bool = True,
 ) -> tuple[Tensor, int]:
     """Fixed-step Euler on the probability-flow ODE (deterministic; ``generator`` is unused)."""
-    T, eps = sde.check_horizon(T, eps)
-    ts = time_grid(T, eps, steps, x_T.dtype).to(x_T.device)
+    grid = _grid(sde, T, eps, steps, spacing, ts)
+    steps, eps = len(grid) - 1, float(grid[-1])
+    ts = grid.to(x_T.dtype).to(x_T.device)
     x = x_T
     for i in range(steps):
         x = x + (ts[i + 1] - ts[i]) * probability_flow_drift(model, sde, x, ts[i].expand(len(x)))
-    return denoise(model, sde, x, eps), steps + 1
+    return _finish(model, sde, x, eps, steps, denoise)
 
 
 @torch.no_grad()
 def ode_heun(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float, eps: float, steps: int,
-    generator: torch.Generator | None = None,
+    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
+    generator: torch.Generator | None = None, *, spacing: str = "time",
+    ts: Tensor | Sequence[float] | None = None, denoise: bool = True,
 ) -> tuple[Tensor, int]:
     """Heun's second-order method on the probability-flow ODE: 2 NFE per step."""
-    T, eps = sde.check_horizon(T, eps)
-    ts = time_grid(T, eps, steps, x_T.dtype).to(x_T.device)
+    grid = _grid(sde, T, eps, steps, spacing, ts)
+    steps, eps = len(grid) - 1, float(grid[-1])
+    ts = grid.to(x_T.dtype).to(x_T.device)
     x = x_T
     for i in range(steps):
         h = ts[i + 1] - ts[i]
@@ -97,18 +269,27 @@ def ode_heun(
         x_pred = x + h * d1
         d2 = probability_flow_drift(model, sde, x_pred, ts[i + 1].expand(len(x)))
         x = x + 0.5 * h * (d1 + d2)
-    return denoise(model, sde, x, eps), 2 * steps + 1
+    return _finish(model, sde, x, eps, 2 * steps, denoise)
 
 
 @torch.no_grad()
 def ode_dopri5(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float, eps: float, steps: int | None = None,
-    generator: torch.Generator | None = None, rtol: float = 1e-5, atol: float = 1e-5,
+    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None = None,
+    generator: torch.Generator | None = None, *, spacing: str = "time",
+    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, rtol: float = 1e-5, atol: float = 1e-5,
 ) -> tuple[Tensor, int]:
-    """Adaptive Dormand-Prince (torchdiffeq) on the probability-flow ODE; ``steps`` is unused."""
+    """Adaptive Dormand-Prince (torchdiffeq) on the probability-flow ODE.
+
+    The solver chooses its own steps: ``steps`` and ``spacing`` are unused, and of ``ts`` only the
+    ends T = ts[0] and eps = ts[-1] count.
+    """
     from torchdiffeq import odeint
 
-    T, eps = sde.check_horizon(T, eps)
+    if ts is not None:
+        grid = check_grid(sde, ts)
+        T, eps = float(grid[0]), float(grid[-1])
+    else:
+        T, eps = sde.check_horizon(T, eps)
     nfe = 0
 
     def rhs(t: Tensor, x: Tensor) -> Tensor:
@@ -120,13 +301,15 @@ def ode_dopri5(
     # step_t makes the solver land on eps instead of stepping past it to t < 0, where v(t) < 0.
     x = odeint(rhs, x_T, times, rtol=rtol, atol=atol, method="dopri5",
                options={"step_t": times[1:]})[-1]
-    return denoise(model, sde, x, eps), nfe + 1
+    return _finish(model, sde, x, eps, nfe, denoise)
 
 
 @torch.no_grad()
 def predictor_corrector(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float, eps: float, steps: int,
-    generator: torch.Generator | None = None, snr: float = 0.16, corrector_steps: int = 1,
+    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
+    generator: torch.Generator | None = None, *, spacing: str = "time",
+    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, snr: float = 0.16,
+    corrector_steps: int = 1,
 ) -> tuple[Tensor, int]:
     """Reverse-diffusion predictor with a Langevin corrector (Song et al. 2021, Alg. 2-3).
 
@@ -135,8 +318,9 @@ def predictor_corrector(
     ancestral DDPM sampling for VP and SMLD sampling for VE, on any grid. The corrector runs
     ``corrector_steps`` Langevin steps at signal-to-noise ratio ``snr`` before each predictor step.
     """
-    T, eps = sde.check_horizon(T, eps)
-    ts = time_grid(T, eps, steps, x_T.dtype).to(x_T.device)
+    grid = _grid(sde, T, eps, steps, spacing, ts)
+    steps, eps = len(grid) - 1, float(grid[-1])
+    ts = grid.to(x_T.dtype).to(x_T.device)
     x = x_T
 
     def score(x: Tensor, t: Tensor) -> Tensor:
@@ -157,7 +341,231 @@ def predictor_corrector(
             x = x + step * grad + (2 * step).sqrt() * noise
         a, q = broadcast_to(a, x), broadcast_to(q, x)
         x = (2 - a) * x + q * score(x, t) + q.sqrt() * randn()
-    return denoise(model, sde, x, eps), steps * (corrector_steps + 1) + 1
+    return _finish(model, sde, x, eps, steps * (corrector_steps + 1), denoise)
+
+
+# --- exponential integrators and iPNDM (log-SNR grid by default) --------------------------------
+
+
+def _phis(h: float) -> tuple[float, float, float]:
+    """phi_1 = 1 - e^{-h}, phi_2 = phi_1/h - 1, phi_3 = (h - phi_1)/h^2 - 1/2, in float64.
+
+    For small h the closed forms cancel; their Taylor series are used instead.
+    """
+    phi1 = -math.expm1(-h)
+    if h < 1e-3:
+        phi2 = -h / 2 + h**2 / 6 - h**3 / 24
+        phi3 = -h / 6 + h**2 / 24 - h**3 / 120
+    else:
+        phi2 = phi1 / h - 1
+        phi3 = (h - phi1) / h**2 - 0.5
+    return phi1, phi2, phi3
+
+
+def _step_order(i: int, order: int, steps: int, denoise: bool, lower_order_final: bool) -> int:
+    """Warm-up (at most i + 1) and, for short runs, lower-order final steps (at most total - i)."""
+    k = min(order, i + 1)
+    total = steps + int(denoise)  # the Tweedie step is the order-1 step to sigma = 0
+    if lower_order_final and total < LOWER_ORDER_FINAL_BELOW:
+        k = min(k, total - i)
+    return k
+
+
+def _corrected_first_step(
+    x_0: Tensor, x0_0: Tensor, x0_1: Tensor, lam: list[float], m: list[float], sigma: list[float]
+) -> Tensor:
+    """The second-order exponential step t_0 -> t_1 from x0_hat at both ends (trapezoidal in lambda):
+    x_1 = (sigma_1/sigma_0) x_0 + m_1 [phi_1 x0_0 - phi_2 (x0_1 - x0_0)], exact when x0_hat is linear
+    in lambda. x0_1 is the network's output at the predicted x_1, which the next step needs anyway."""
+    phi1, phi2, _ = _phis(lam[1] - lam[0])
+    return x_0 * (sigma[1] / sigma[0]) + x0_0 * (m[1] * phi1) - (x0_1 - x0_0) * (m[1] * phi2)
+
+
+def _dpm_solver_pp(
+    model: nn.Module, sde: SDE, x_T: Tensor, grid: Tensor, order: int, denoise: bool,
+    lower_order_final: bool, stochastic: bool = False, generator: torch.Generator | None = None,
+    corrected_start: bool = False,
+) -> tuple[Tensor, int]:
+    """Multistep DPM-Solver++ (data prediction) of ``order`` 1-3 on ``grid``; the SDE variant if
+    ``stochastic`` (order <= 2). See the module docstring for the update formulas."""
+    steps = len(grid) - 1
+    lam = sde.log_snr(grid).tolist()
+    m = sde.m(grid).tolist()
+    sigma = sde.sigma(grid).tolist()
+    x = x_T
+    x0s: list[Tensor] = []  # the last x0_hats, newest last
+    for i in range(steps):
+        t = torch.full((len(x),), float(grid[i]), dtype=x.dtype, device=x.device)
+        eps_hat = model(x, t).to(x.dtype)
+        x0 = (x - sigma[i] * eps_hat) / m[i]
+        if corrected_start and i == 1:
+            x = _corrected_first_step(x_T, x0s[-1], x0, lam, m, sigma)
+        x0s = [*x0s[-2:], x0]
+        k = _step_order(i, order, steps, denoise, lower_order_final)
+        h = lam[i + 1] - lam[i]
+        D0 = x0s[-1]
+        if k == 1:
+            D1 = D2 = None
+        else:
+            r0 = (lam[i] - lam[i - 1]) / h
+            D1_0 = (x0s[-1] - x0s[-2]) * (1 / r0)
+            if k == 2:
+                D1, D2 = D1_0, None
+            else:
+                r1 = (lam[i - 1] - lam[i - 2]) / h
+                D1_1 = (x0s[-2] - x0s[-3]) * (1 / r1)
+                D1 = D1_0 + (D1_0 - D1_1) * (r0 / (r0 + r1))
+                D2 = (D1_0 - D1_1) * (2 / (r0 + r1))
+        if stochastic:
+            e2h = -math.expm1(-2 * h)  # 1 - e^{-2h}
+            x = x * (sigma[i + 1] / sigma[i] * math.exp(-h)) + D0 * (m[i + 1] * e2h)
+            if D1 is not None:
+                x = x + D1 * (0.5 * m[i + 1] * e2h)
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = x + noise * (sigma[i + 1] * math.sqrt(e2h))
+        else:
+            phi1, phi2, phi3 = _phis(h)
+            x = x * (sigma[i + 1] / sigma[i]) + D0 * (m[i + 1] * phi1)
+            if D2 is not None:  # order 3
+                x = x - D1 * (m[i + 1] * phi2) - D2 * (m[i + 1] * phi3)
+            elif D1 is not None:  # order 2, midpoint form
+                x = x + D1 * (0.5 * m[i + 1] * phi1)
+    return _finish(model, sde, x, float(grid[-1]), steps, denoise)
+
+
+@torch.no_grad()
+def ddim(
+    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
+    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
+    ts: Tensor | Sequence[float] | None = None, denoise: bool = True,
+) -> tuple[Tensor, int]:
+    """DDIM (eta = 0), the first-order exponential integrator in lambda (DPM-Solver++ 1):
+    x_t = (sigma_t/sigma_s) x_s + m_t (1 - e^{-h}) x0_hat(x_s, s), h = lambda_t - lambda_s.
+    One network call per step; ``generator`` is unused."""
+    grid = _grid(sde, T, eps, steps, spacing, ts)
+    return _dpm_solver_pp(model, sde, x_T, grid, 1, denoise, lower_order_final=False)
+
+
+@torch.no_grad()
+def dpmpp_2m(
+    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
+    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
+    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, lower_order_final: bool = True,
+) -> tuple[Tensor, int]:
+    """DPM-Solver++(2M), multistep data prediction, midpoint form:
+    x_t = (sigma_t/sigma_s) x_s + m_t (1 - e^{-h}) [(1 + 1/(2 r)) x0_hat_s - 1/(2 r) x0_hat_prev],
+    r = h_prev / h. The first step is order 1, and so is the last when the run is short
+    (``lower_order_final``, see the module docstring). One network call per step."""
+    grid = _grid(sde, T, eps, steps, spacing, ts)
+    return _dpm_solver_pp(model, sde, x_T, grid, 2, denoise, lower_order_final)
+
+
+@torch.no_grad()
+def dpmpp_3m(
+    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
+    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
+    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, lower_order_final: bool = True,
+    corrected_start: bool = True,
+) -> tuple[Tensor, int]:
+    """DPM-Solver++(3M), multistep data prediction of order 3 (Lu et al. 2022):
+    x_t = (sigma_t/sigma_s) x_s + m_t phi_1 D0 - m_t phi_2 D1 - m_t phi_3 D2 with
+    phi_1 = 1 - e^{-h}, phi_2 = phi_1/h - 1, phi_3 = (h - phi_1)/h^2 - 1/2 and D0, D1, D2 from the
+    last three x0_hats (module docstring; D2 ~ h^2 x0_hat'', twice the D2 of the reference code).
+    Warm-up orders 1, 2; short runs end with orders 2, 1; fewer steps than 3 simply run at lower
+    order. ``corrected_start`` (module docstring) keeps the order 3 that the first-order first step
+    would otherwise cap at 2. One network call per step."""
+    grid = _grid(sde, T, eps, steps, spacing, ts)
+    return _dpm_solver_pp(model, sde, x_T, grid, 3, denoise, lower_order_final, corrected_start=corrected_start)
+
+
+@torch.no_grad()
+def dpmpp_2m_sde(
+    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
+    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
+    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, lower_order_final: bool = True,
+) -> tuple[Tensor, int]:
+    """DPM-Solver++(2M) SDE (diffusers ``sde-dpmsolver++``, midpoint form):
+    x_t = (sigma_t/sigma_s) e^{-h} x_s + m_t (1 - e^{-2h}) (D0 + D1/2) + sigma_t sqrt(1 - e^{-2h}) z,
+    D0 = x0_hat_s, D1 = (x0_hat_s - x0_hat_prev) h / h_prev (0 at order 1), z ~ N(0, I) drawn from
+    ``generator``. Same warm-up and final-order rules as 2M. One network call per step."""
+    grid = _grid(sde, T, eps, steps, spacing, ts)
+    return _dpm_solver_pp(model, sde, x_T, grid, 2, denoise, lower_order_final, stochastic=True,
+                          generator=generator)
+
+
+IPNDM_COEFFICIENTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+_GAUSS_LEGENDRE_2 = (0.5 - 0.5 / math.sqrt(3), 0.5 + 0.5 / math.sqrt(3))  # on [0, 1], weights 1/2
+
+
+def adams_bashforth_coefficients(u: Sequence[float]) -> list[float]:
+    """Variable-step Adams-Bashforth weights b_j = int_0^1 L_j(v) dv for nodes u_0 = 0 > u_1 > ...
+
+    L_j is the Lagrange basis polynomial of the nodes (degree <= 3 for up to 4 nodes, so the
+    2-point Gauss-Legendre rule integrates it exactly). The nodes are the earlier abscissae in units
+    of the current step, u_j = (s_{i-j} - s_i) / (s_{i+1} - s_i); a uniform grid has u_j = -j and
+    gives the classic (1), (3, -1)/2, (23, -16, 5)/12, (55, -59, 37, -9)/24.
+    """
+    weights = []
+    for j, uj in enumerate(u):
+        b = 0.0
+        for v in _GAUSS_LEGENDRE_2:
+            basis = 1.0
+            for k, uk in enumerate(u):
+                if k != j:
+                    basis *= (v - uk) / (uj - uk)
+            b += 0.5 * basis
+        weights.append(b)
+    return weights
+
+
+@torch.no_grad()
+def ipndm(
+    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
+    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
+    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, variable_step: bool = True,
+    corrected_start: bool = True,
+) -> tuple[Tensor, int]:
+    """iPNDM: Adams-Bashforth of order min(4, i + 1) on dx_tilde/dsigma_tilde = eps_hat, with
+    x_tilde = x/m and sigma_tilde = sigma/m (module docstring):
+    x_{i+1} = (m_{i+1}/m_i) x_i + m_{i+1} (sigma_tilde_{i+1} - sigma_tilde_i) sum_j b_j e_{i-j}.
+
+    With ``variable_step`` (the default) the b_j integrate the interpolant through the stored
+    eps_hats at their actual sigma_tilde (:func:`adams_bashforth_coefficients`). They equal the
+    classic fixed coefficients on a grid uniform in sigma_tilde (``karras`` with rho = 1), and keep
+    the multistep order on any other grid. ``variable_step=False`` applies the fixed coefficients
+    on every grid, as k-diffusion's ``sample_ipndm``; on a non-uniform grid that is only second
+    order. ``corrected_start`` replaces the first (Euler) step by the second-order exponential step
+    of :func:`dpmpp_3m`, at no extra network call. One network call per step; ``generator`` is
+    unused.
+
+    The order is not the whole story at few steps: on Gaussian data with the exact eps, on the
+    log-SNR grid at 4-10 steps, the fixed weights were 2-8x more accurate (RMS error at eps) than the
+    variable ones, which win from about 30 steps on. Compare both where the step budget is small."""
+    grid = _grid(sde, T, eps, steps, spacing, ts)
+    steps = len(grid) - 1
+    lam = sde.log_snr(grid).tolist()
+    m = sde.m(grid).tolist()
+    sigma = sde.sigma(grid).tolist()
+    st = (sde.sigma(grid) / sde.m(grid)).tolist()
+    x = x_T
+    eps_hats: list[Tensor] = []  # newest first
+    for i in range(steps):
+        t = torch.full((len(x),), float(grid[i]), dtype=x.dtype, device=x.device)
+        eps_hat = model(x, t).to(x.dtype)
+        if corrected_start and i == 1:
+            x0_0 = (x_T - sigma[0] * eps_hats[0]) / m[0]
+            x = _corrected_first_step(x_T, x0_0, (x - sigma[1] * eps_hat) / m[1], lam, m, sigma)
+        eps_hats = [eps_hat, *eps_hats[:3]]
+        k = min(4, i + 1)
+        dst = st[i + 1] - st[i]
+        if variable_step:
+            coefs = adams_bashforth_coefficients([(st[i - j] - st[i]) / dst for j in range(k)])
+        else:
+            coefs = IPNDM_COEFFICIENTS[k - 1]
+        x = x * (m[i + 1] / m[i])
+        for b, e in zip(coefs, eps_hats, strict=False):
+            x = x + e * (m[i + 1] * dst * b)
+    return _finish(model, sde, x, float(grid[-1]), steps, denoise)
 
 
 SAMPLERS = {
@@ -166,4 +574,9 @@ SAMPLERS = {
     "euler": ode_euler,
     "heun": ode_heun,
     "dopri5": ode_dopri5,
+    "ddim": ddim,
+    "dpm++2m": dpmpp_2m,
+    "dpm++3m": dpmpp_3m,
+    "dpm++2m-sde": dpmpp_2m_sde,
+    "ipndm": ipndm,
 }
