@@ -21,7 +21,7 @@ from difftime.likelihood import bits_per_dim, elbo, full_precision, ode_flow
 from difftime.priors import StandardPrior, load_prior, prior_dir
 from difftime.rng import stream_seed
 from difftime.run import Run
-from difftime.sampling import SAMPLERS
+from difftime.sampling import sample
 
 LIKELIHOOD_METRICS = ("elbo", "nll")
 
@@ -63,20 +63,23 @@ def draw_samples(
     Returns (samples, NFE per sample, wall seconds). One generator drives the prior draw and
     every sampler batch, so a seed fixes the samples whatever the batch size.
     """
-    if sampler not in SAMPLERS:
-        raise DifftimeError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     T, eps = run.sde.check_horizon(T, eps)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    with torch.no_grad():
-        x_T = prior.sample(n, generator=generator).reshape(n, *run.shape).float()
-    chunks, nfe = [], 0
-    for first in range(0, n, batch):
-        x0, nfe = SAMPLERS[sampler](run.model, run.sde, x_T[first:first + batch], T, eps, steps,
-                                    generator=generator, **options)
-        chunks.append(x0)
+    x0, nfe = sample(run.model, run.sde, _Shaped(prior, run.shape), n, T, eps, sampler, steps, generator,
+                     batch=batch, **options)
     wall = time.perf_counter() - start
-    return run.scaler.decode(torch.cat(chunks)).numpy(), nfe, wall
+    return run.scaler.decode(x0).numpy(), nfe, wall
+
+
+class _Shaped:
+    """A prior whose draws are reshaped to the run's example shape, in float32."""
+
+    def __init__(self, prior: Any, shape: tuple[int, ...]) -> None:
+        self.prior, self.shape = prior, shape
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.prior.sample(n, generator=generator).reshape(n, *self.shape).float()
 
 
 def _summary(values: Tensor) -> tuple[float, float]:

@@ -86,7 +86,8 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -580,3 +581,42 @@ SAMPLERS = {
     "dpm++2m-sde": dpmpp_2m_sde,
     "ipndm": ipndm,
 }
+
+
+def check_sampler(name: str) -> Callable[..., tuple[Tensor, int]]:
+    """The registered sampler ``name``, or one clear error that lists the choices."""
+    if name not in SAMPLERS:
+        raise DifftimeError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sample(
+    model: nn.Module,
+    sde: SDE,
+    prior: Any,
+    n: int,
+    T: float,
+    eps: float | None = None,
+    sampler: str = "dpm++2m",
+    steps: int = 10,
+    generator: torch.Generator | None = None,
+    *,
+    batch: int | None = None,
+    **options: Any,
+) -> tuple[Tensor, int]:
+    """n samples in model space: x_T ~ ``prior``, then ``sampler`` from T down to eps.
+
+    ``prior`` is anything with ``sample(n, generator=None)`` (a :class:`difftime.priors.Prior`).
+    One ``generator`` drives the prior draw and every sampler batch, so a seed fixes the samples
+    whatever ``batch`` is. Returns (x0, NFE per sample); ``options`` go to the sampler
+    (``spacing``, ``ts``, ``denoise``, ...).
+    """
+    step_fn = check_sampler(sampler)
+    T, eps = sde.check_horizon(T, eps)
+    with torch.no_grad():
+        x_T = prior.sample(n, generator=generator)
+    chunks, nfe = [], 0
+    for first in range(0, n, batch or max(n, 1)):
+        x0, nfe = step_fn(model, sde, x_T[first:first + (batch or n)], T, eps, steps, generator=generator, **options)
+        chunks.append(x0)
+    return torch.cat(chunks), nfe
