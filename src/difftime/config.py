@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup": 100,
         "grad_clip": 1.0,
         "ema_decay": 0.999,
+        "ema_warmup": True,      # decay_n = min(ema_decay, (1 + n)/(10 + n)) (training/ema.py); False: constant
         "weighting": "standard",  # "standard" (lambda = v) or "likelihood" (lambda = g^2)
         "importance_sampling": True,  # only used with likelihood weighting
         "bf16": False,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from difftime import distributed
@@ -33,6 +33,7 @@ from difftime.run import (
     write_run_config,
 )
 from difftime.sde import sde_from_config
+from difftime.training.ema import ema_update, initial_weight_share
 from difftime.training.loss import dsm_loss, sample_time
 
 
@@ -78,9 +79,8 @@ class Trainer:
         # DDP all-reduces the gradients in backward; the EMA and checkpoints use the bare module.
         self.net = self.model if self.world == 1 else DistributedDataParallel(
             self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.ema = AveragedModel(
-            self.model, multi_avg_fn=get_ema_multi_avg_fn(tr["ema_decay"]), use_buffers=True
-        )
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(tr["ema_decay"], tr["ema_warmup"]),
+                                 use_buffers=True)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"]
         )
@@ -264,7 +264,16 @@ class Trainer:
         }
         save_checkpoint(run_dir, self.step, files, meta, keep=self.tr["keep_checkpoints"])
         self.saved_step = self.step
+        self._warn_if_ema_is_young(meta["ema_n_averaged"])
         distributed.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
+
+    def _warn_if_ema_is_young(self, n_averaged: int) -> None:
+        """One line at the final save when the EMA still holds more than 1% of its first weights."""
+        share = initial_weight_share(self.tr["ema_decay"], n_averaged, self.tr["ema_warmup"])
+        if share > 0.01 and self.step >= self.tr["steps"]:
+            tqdm.write(f"difftime: warning: the EMA weights still hold {100 * share:.1f}% of the first weights after "
+                       f"{n_averaged} updates; sample with --weights model, or set train.ema_warmup=true, a lower "
+                       f"train.ema_decay or more train.steps", file=sys.stderr)
 
     def load(self, run_dir: str | Path) -> None:
         """Resume from the newest complete checkpoint of ``run_dir``; every file must match its state.json.

@@ -1,0 +1,42 @@
+"""The exponential moving average of the weights, with a warm-up of its decay.
+
+Update n (n >= 1 updates already averaged; the first update copies the weights) uses
+
+    decay_n = min(decay, (1 + n) / (10 + n))
+
+(TensorFlow's ``ExponentialMovingAverage(num_updates=n)``). Without the warm-up the first
+weights keep decay^n of the average: 0.999^2000 = 13.5% after 2,000 updates, which on a short
+MNIST run makes the EMA network return eps_hat ~ 0.87 x_t at t = 1 and sample pure noise. With
+it their share falls below 1e-20 within 2,000 updates at decay 0.999.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def ema_decay_at(decay: float, n: int, warmup: bool = True) -> float:
+    """The decay of the update that follows ``n`` averaged updates."""
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
+
+
+def initial_weight_share(decay: float, n_averaged: int, warmup: bool = True) -> float:
+    """The weight the EMA still gives to the first averaged weights after ``n_averaged`` updates."""
+    if not warmup:
+        return decay ** max(n_averaged - 1, 0)
+    log_share = sum(math.log(ema_decay_at(decay, k)) for k in range(1, min(n_averaged, 100_000)))
+    return math.exp(log_share)
+
+
+def ema_update(decay: float, warmup: bool = True) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
+    """A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` with the warmed-up decay."""
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(decay, int(num_averaged), warmup))
+
+    return update
