@@ -15,6 +15,19 @@ TINY_DIGITS = {
 }
 
 
+class CountingModel(torch.nn.Module):
+    """Wraps an eps-network and counts its calls: the NFE a sampler reports must equal ``calls``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return self.inner(x, t)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch and one BLAS thread for a module: its models are tiny, and on a shared 2-core

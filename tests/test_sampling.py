@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import CountingModel
 from difftime.gaussian import ExactGaussianEps, GaussianMarginal
 from difftime.priors import GaussianPrior
 from difftime.sampling import SAMPLERS, time_grid
@@ -13,17 +14,6 @@ from difftime.sde import VESDE, VPSDE
 MU = torch.tensor([0.6, -0.4], dtype=torch.float64)
 LAM = torch.tensor([0.05, 0.3], dtype=torch.float64)
 N = 20_000
-
-
-class CountingModel(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x, t):
-        self.calls += 1
-        return self.inner(x, t)
 
 
 def _moment_error(samples: torch.Tensor) -> float:

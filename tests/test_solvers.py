@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from conftest import CountingModel
 from difftime.errors import DifftimeError
 from difftime.gaussian import ExactGaussianEps, GaussianMarginal
 from difftime.sampling import (
@@ -34,17 +35,6 @@ DETERMINISTIC = ("ddim", "dpm++2m", "dpm++3m", "ipndm")
 
 def _sdes():
     return [VPSDE(), SubVPSDE(), VESDE(sigma_min=0.01, sigma_max=20.0)]
-
-
-class CountingModel(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x, t):
-        self.calls += 1
-        return self.inner(x, t)
 
 
 def _flow_map(sde, x_T, T, t):
