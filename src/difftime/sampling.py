@@ -96,6 +96,12 @@ from difftime.errors import DifftimeError
 from difftime.sde import SDE, broadcast_to
 
 SPACINGS = ("time", "logsnr", "quadratic", "karras")
+# The defaults of `difftime sample` and friends (issue 17), chosen by measurement; read them from here.
+DEFAULT_SAMPLER = "dpm++2m"
+DEFAULT_SPACING = "logsnr"
+# The sampling end time, separate from the training / likelihood eps (sde.eps): the network is least
+# accurate near t = 0, and DPM-Solver ends at 1e-3 below about 15 steps.
+DEFAULT_SAMPLE_EPS = 1e-3
 # DPM-Solver++ / diffusers use lower-order final steps only for runs shorter than this.
 LOWER_ORDER_FINAL_BELOW = 15
 
