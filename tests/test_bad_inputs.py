@@ -359,6 +359,36 @@ CASES = {
     "cli: wrong output suffix": Case("sample {run} --out {ws}/good.json", "--out must end in .npz"),
     "cli: unknown metric": Case("evaluate {run} --metrics elbo,bogus --out {ws}/good.json", "unknown ['bogus']"),
     "cli: unknown command": Case("frobnicate", "invalid choice: 'frobnicate'"),
+    "cli: unknown sampler": Case(
+        "sample {run} --sampler dpm++4m --out {ws}/good.npz",
+        "unknown sampler 'dpm++4m'; choose from em, pc, euler, heun, dopri5, ddim, dpm++2m, dpm++3m",
+    ),
+    "cli: unknown spacing": Case(
+        "sample {run} --sampler ddim --spacing cosine --out {ws}/good.npz",
+        "unknown spacing 'cosine'; choose from time, logsnr, quadratic, karras",
+    ),
+    "cli: unknown sampler for the quality metrics": Case(
+        "evaluate {run} --metrics swd --sampler unipc --out {ws}/good.json", "unknown sampler 'unipc'; choose from"
+    ),
+    "cli: --nfe without --study": Case("sample {run} --nfe 10 --out {ws}/good.npz", "--nfe N and --study DIR"),
+    "cli: --study without frontier.json": Case(
+        "sample {run} --nfe 10 --study {tmp} --out {ws}/good.npz", "has no frontier.json"
+    ),
+    "cli: no frontier budget <= N": Case(
+        "sample {run} --nfe 5 --study {tmp} --out {ws}/good.npz",
+        "has no NFE budget <= 5 (its budgets: 6, 10)",
+        _config("frontier.json", {"frontier": [
+            {"budget": b, "choice": "best", "best": {"T": 0.5, "prior": "standard", "sampler": "ddim", "steps": b - 1,
+                                                     "nfe": b, "value": 1.0}} for b in (6, 10)]}),
+    ),
+    "cli: frontier of another run": Case(
+        "sample {run} --nfe 10 --study {tmp} --out {ws}/good.npz",
+        "is not the run the study measured",
+        _config("frontier.json", {"frontier": [{"budget": 10, "choice": "best", "best": {
+            "T": 0.5, "prior": "standard", "sampler": "ddim", "steps": 9, "nfe": 10, "value": 1.0, "run": "elsewhere",
+            "run_identity": {"step": 4, "config_sha256": "0" * 64}}}]}),
+    ),
+    "cli: study with an unknown spacing": Case("study --preset toy --spacing cosine --out {tmp}/s", "study.spacing"),
     "cli: no output": Case("train --data digits", "needs --out"),
     "cli: over an existing run": Case("train --config {ws}/tiny.json --out {run}", "already holds a run"),
     # output folders

@@ -163,7 +163,12 @@ def test_fit_prior_sample_and_evaluate(tmp_path, trained_run, capsys):
         (["fit-prior", "{run}", "--T", "0.4", "--prior", "glw"], "invalid choice"),
         (["fit-prior", "{run}", "--T", "0.4", "--prior", "standard"], "needs no fitting"),
         (["sample", "{run}", "--T", "0.4", "--prior", "flow", "--out", "{tmp}/s.npz"], "fit-prior"),
-        (["sample", "{run}", "--sampler", "ddim", "--out", "{tmp}/s.npz"], "invalid choice"),
+        (["sample", "{run}", "--sampler", "ddim2", "--out", "{tmp}/s.npz"],
+         "unknown sampler 'ddim2'; choose from em, pc, euler, heun, dopri5, ddim, dpm++2m, dpm++3m, dpm++2m-sde"),
+        (["sample", "{run}", "--spacing", "cosine", "--out", "{tmp}/s.npz"],
+         "unknown spacing 'cosine'; choose from time, logsnr, quadratic, karras"),
+        (["evaluate", "{run}", "--metrics", "fd", "--sampler", "unipc"], "unknown sampler 'unipc'; choose from em"),
+        (["sample", "{run}", "--nfe", "10", "--out", "{tmp}/s.npz"], "--nfe N and --study DIR go together"),
         (["evaluate", "{run}", "--metrics", "elbo,bogus"], "unknown"),
         (["evaluate", "{run}", "--out", "{tmp}/r.txt"], "must end in .json"),
         (["evaluate", "{run}", "--T", "0"], "positive number"),
@@ -184,7 +189,65 @@ def test_evaluate_quality_metrics_records_what_they_were_computed_from(tmp_path,
                  "--steps", "5", "--no-progress", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["sampling"]["nfe"] == 6 and result["sampling"]["n"] == 20
+    # The samples end at the sampling eps and use the default sampler; the likelihood eps stays the run's.
+    assert result["sampling"]["eps"] == 1e-3 and result["eps"] == 1e-5
+    assert (result["sampling"]["sampler"], result["sampling"]["spacing"]) == ("dpm++2m", "logsnr")
     quality = result["quality"]
     assert quality["n_samples"] == 20 and quality["reference_split"] == "test"
     assert quality["fd"]["value"] > 0 and 0 <= quality["pr"]["precision"] <= 1
     assert "fd" in capsys.readouterr().out
+
+
+def _sample(argv, capsys):
+    assert main(["sample", *map(str, argv)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with np.load(report["out"]) as f:
+        return report, f["samples"]
+
+
+@pytest.fixture
+def grids(monkeypatch):
+    """(spacing, steps, eps) of every time grid a sampler builds."""
+    import difftime.sampling
+
+    seen = []
+    timesteps = difftime.sampling.timesteps
+    monkeypatch.setattr(difftime.sampling, "timesteps",
+                        lambda sde, T, eps, steps, spacing="logsnr", **kw: seen.append((spacing, steps, eps))
+                        or timesteps(sde, T, eps, steps, spacing, **kw))
+    return seen
+
+
+def test_sample_defaults_are_the_library_defaults(tmp_path, trained_run, capsys, grids):
+    from difftime.sampling import DEFAULT_SAMPLE_EPS, DEFAULT_SAMPLER, DEFAULT_SPACING
+
+    assert (DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_SAMPLE_EPS) == ("dpm++2m", "logsnr", 1e-3)
+    report, plain = _sample([trained_run, "--T", "0.6", "--n", "6", "--out", tmp_path / "a.npz"], capsys)
+    # dpm++2m on the log-SNR grid, 10 steps down to eps 1e-3 (not the training eps 1e-5), then the Tweedie step.
+    assert (report["sampler"], report["spacing"], report["eps"], report["steps"]) == ("dpm++2m", "logsnr", 1e-3, 10)
+    assert report["denoise"] is True and report["nfe"] == report["steps"] + 1 == 11
+    assert grids == [("logsnr", 10, 1e-3)]
+    explicit = [trained_run, "--T", "0.6", "--n", "6", "--sampler", "dpm++2m", "--spacing", "logsnr", "--steps", "10"]
+    _, same = _sample([*explicit, "--eps", "1e-3", "--out", tmp_path / "b.npz"], capsys)
+    np.testing.assert_array_equal(plain, same)
+    _, other_eps = _sample([*explicit, "--eps", "1e-5", "--out", tmp_path / "c.npz"], capsys)
+    assert not np.array_equal(plain, other_eps)  # the end time is really 1e-3, not the run's eps
+    report, _ = _sample([*explicit, "--no-denoise", "--out", tmp_path / "d.npz"], capsys)
+    assert report["nfe"] == 10 and report["denoise"] is False
+
+
+def test_sample_takes_any_sampler_and_spacing(tmp_path, trained_run, capsys, grids):
+    base = [trained_run, "--T", "0.6", "--n", "6", "--sampler", "ddim", "--steps", "4"]
+    report, _ = _sample([*base, "--spacing", "karras", "--out", tmp_path / "k.npz"], capsys)
+    assert (report["sampler"], report["spacing"], report["steps"], report["nfe"]) == ("ddim", "karras", 4, 5)
+    assert grids == [("karras", 4, 1e-3)]
+    # A 3M sampler with fewer steps than its order runs at lower order: not an error.
+    report, _ = _sample([trained_run, "--sampler", "dpm++3m", "--steps", "2", "--n", "2", "--out", tmp_path / "3.npz"],
+                        capsys)
+    assert report["nfe"] == 3 and grids[-1][:2] == ("logsnr", 2)
+    # The classic samplers keep their uniform t grid unless --spacing is given.
+    em = [trained_run, "--sampler", "em", "--steps", "5", "--n", "4"]
+    report, _ = _sample([*em, "--out", tmp_path / "e.npz"], capsys)
+    assert report["spacing"] == "time" and report["nfe"] == 6 and grids[-1][:2] == ("time", 5)
+    report, _ = _sample([*em, "--spacing", "quadratic", "--out", tmp_path / "f.npz"], capsys)
+    assert report["spacing"] == "quadratic" and grids[-1][:2] == ("quadratic", 5)

@@ -7,10 +7,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from difftime.cli import main
-from difftime.study.analysis import claims, nfe_savings
+from difftime.study import frontier_steps
+from difftime.study.analysis import claims, nfe_savings, quality_frontier
 
 TINY_NET = {"ch": 8, "ch_mult": [1], "groups": 4, "mid_attention": False}
 SPT = 10  # steps per unit time: T = 0.4 and 1.0 give 4 and 10 steps, exactly proportional
@@ -20,7 +22,8 @@ def _tiny_study(tmp_path: Path, **study: object) -> Path:
     config = {"net": TINY_NET, "train": {"steps": 30, "batch_size": 32, "bf16": False, "ckpt_every": 20},
               "study": {"T_grid": [0.4, 1.0], "priors": ["standard", "gaussian", "flow"], "n_samples": 64,
                         "n_likelihood": 16, "n_t": 4, "n_prior": 2, "prior_steps": 20, "steps_per_unit_time": SPT,
-                        "fixed_steps": 3, "tol": 1e-3, **study}}
+                        "fixed_steps": 3, "tol": 1e-3, "frontier_samplers": ["dpm++2m"], "nfe_budgets": [3, 6],
+                        **study}}
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(config))
     return path
@@ -42,7 +45,7 @@ def _results(out: Path) -> dict:
 def test_every_artifact_is_written(digits_study):
     out = digits_study
     for name in ("study.json", "results.json", "results.csv", "report.md", "elbo_vs_T.png", "quality_vs_nfe.png",
-                 "samples.png", "data_floor.json"):
+                 "samples.png", "data_floor.json", "frontier.json", "frontier.png"):
         assert (out / name).stat().st_size > 0, name
     for T in ("0.4", "1"):
         for prior in ("standard", "gaussian", "flow"):
@@ -52,9 +55,10 @@ def test_every_artifact_is_written(digits_study):
     assert (out / "runs" / "main" / "priors" / "flow-T0.4" / "config.json").is_file()
     report = (out / "report.md").read_text()
     for section in ("## Likelihood", "## Sample quality", "## Best T per prior", "## NFE saving at equal quality",
+                    "## Quality frontier: how much diffusion time is enough for N network calls",
                     "## Where the paper's claims held", "## Wall time per stage"):
         assert section in report
-    for image in ("elbo_vs_T.png", "quality_vs_nfe.png", "samples.png"):
+    for image in ("elbo_vs_T.png", "quality_vs_nfe.png", "samples.png", "frontier.png"):
         assert f"]({image})" in report
 
 
@@ -79,13 +83,19 @@ def test_numbers_are_consistent(digits_study):
         B = lambda t: 0.1 * t + (20 - 0.1) * t * t / 2  # noqa: E731
         R = d / 2 * math.log(-math.expm1(-B(cell["T"])) / -math.expm1(-B(cell["eps"])))
         assert e["constant_nats"] == pytest.approx(R, rel=1e-6)
+        # Sampling ends at the sampling eps (DEFAULT_SAMPLE_EPS); the likelihoods keep sde.eps.
+        assert cell["eps"] == 1e-5 and cell["sample_eps"] == 1e-3
         for s in cell["sampling"]:
-            per_step = {"heun": 2, "em": 1}[s["sampler"]]
+            per_step = {"heun": 2, "em": 1, "dpm++2m": 1}[s["sampler"]]
             assert s["nfe"] == per_step * s["steps"] + 1  # + the final denoising evaluation
+            assert s["eps"] == 1e-3 and s["denoise"] is True
+            assert s["spacing"] == ("logsnr" if s["sampler"] == "dpm++2m" else "time")  # each sampler's own grid
             if s["budget"] == "proportional":
                 assert s["steps"] == round(SPT * cell["T"])
             elif s["budget"] == "fixed":
                 assert s["steps"] == 3
+        # The frontier sampler at exactly every NFE budget, in every cell.
+        assert sorted(s["nfe"] for s in cell["sampling"] if s["budget"] == "frontier") == [3, 6]
         if cell["prior"] != "standard":
             assert "prior_improvement" in cell["likelihood"]
     # NFE proportional to T: the step counts scale exactly with T.
@@ -142,7 +152,11 @@ def test_rerun_with_other_settings_is_refused(digits_study, tmp_path, capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["--T-grid", "0.4,1.5"], "outside"),
     (["--priors", "standard,gauss"], "study.priors"),
-    (["--samplers", "ddim"], "study.samplers"),
+    (["--samplers", "ddim,bogus"], "study.samplers: unknown ['bogus']"),
+    (["--spacing", "cosine"], "study.spacing: unknown 'cosine'; choose from auto, time, logsnr"),
+    (["--frontier-samplers", "dopri5"], "fixed NFE per step"),
+    (["--frontier-samplers", "heun", "--nfe-budgets", "4,6"], "meets none of study.nfe_budgets"),
+    (["--T-grid", "0.4,1", "--eps", "0.5"], "study.sample_eps=0.5 must be below the smallest T"),
     (["--T-grid", "x"], "--T-grid"),
     (["--mode", "per-T", "--run", "nowhere"], "config.json"),
 ])
@@ -162,7 +176,8 @@ def test_per_T_mode_on_2d_data(tmp_path):
         "net": {"hidden": 32, "depth": 2}, "train": {"steps": 40, "batch_size": 64},
         "study": {"mode": "per-T", "T_grid": [0.5, 1.0], "priors": ["standard", "flow"], "samplers": ["ode"],
                   "n_samples": 200, "n_likelihood": 16, "n_t": 4, "n_prior": 2, "prior_steps": 10,
-                  "steps_per_unit_time": 10, "fixed_steps": 3, "tol": 1e-3}}))
+                  "steps_per_unit_time": 10, "fixed_steps": 3, "tol": 1e-3, "frontier_samplers": ["ipndm"],
+                  "nfe_budgets": [4]}}))
     out = tmp_path / "toy-study"
     assert main(["study", "--preset", "toy", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
     r = _results(out)
@@ -171,10 +186,14 @@ def test_per_T_mode_on_2d_data(tmp_path):
         assert cell["T_train"] == cell["T"]
         assert cell["run"] == str(out / "runs" / f"T{cell['T']:g}")
         for s in cell["sampling"]:
-            assert s["sampler"] == "heun"  # "ode" is the Heun PF-ODE sampler
+            assert s["sampler"] == ("ipndm" if s["budget"] == "frontier" else "heun")  # "ode" is Heun's PF-ODE
             assert {"mmd", "swd"} <= set(s["quality"])
     assert json.loads((out / "runs" / "T0.5" / "config.json").read_text())["config"]["train"]["T"] == 0.5
     assert "swd" in (out / "report.md").read_text().lower()
+    # The frontier on SWD carries SWD's own standard error, and names the run each configuration used.
+    (entry,) = json.loads((out / "frontier.json").read_text())["frontier"]
+    best = entry["best"]
+    assert best["uncertainty_kind"] == "se" and best["run"] == str(out / "runs" / f"T{best['T']:g}")
     assert (out / "samples.png").stat().st_size > 0
 
 
@@ -212,3 +231,94 @@ def test_claims_follow_the_numbers():
     assert flow["reached"] and flow["nfe"] == 21 and flow["saving"] == pytest.approx(1 - 21 / 101)
     assert next(s for s in nfe_savings(monotone, "fd", ["em"], 1.0) if s["prior"] == "flow")["reached"] is False
 
+
+
+def test_quality_frontier_is_written_and_sample_picks_from_it(digits_study, tiny_run, tmp_path, capsys):
+    r = _results(digits_study)
+    frontier = json.loads((digits_study / "frontier.json").read_text())
+    assert frontier == r["analyses"]["frontier"]
+    assert frontier["metric"] == "fd" and frontier["T_ref"] == 1.0 and frontier["budgets"] == [3, 6]
+    records = [(c, s) for c in r["cells"] for s in c["sampling"]]
+    for entry in frontier["frontier"]:
+        B, best, ref = entry["budget"], entry["best"], entry["reference"]
+        others = [s["quality"]["fd"]["value"] for c, s in records if s["nfe"] <= B
+                  and not (c["T"] == 1.0 and c["prior"] == "standard")]
+        assert best["nfe"] <= B and best["value"] == min(others)
+        assert not (best["T"] == 1.0 and best["prior"] == "standard")
+        assert ref["T"] == 1.0 and ref["prior"] == "standard" and ref["nfe"] <= B
+        assert ref["value"] == min(s["quality"]["fd"]["value"] for c, s in records if s["nfe"] <= B
+                                   and c["T"] == 1.0 and c["prior"] == "standard")
+        # FD has no uncertainty of its own: the data floor's sd over its 3 subsets stands in.
+        assert best["uncertainty"] == ref["uncertainty"] == frontier["floor_sd"] > 0
+        assert entry["difference"] == pytest.approx(best["value"] - ref["value"])
+        assert entry["difference_uncertainty"] == pytest.approx(math.hypot(best["uncertainty"], ref["uncertainty"]))
+    capsys.readouterr()
+    # --nfe 5 takes the largest budget <= 5, i.e. 3, and samples with exactly that configuration.
+    run = digits_study / "runs" / "main"
+    out = tmp_path / "f.npz"
+    assert main(["sample", str(run), "--nfe", "5", "--study", str(digits_study), "--n", "4", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    entry = frontier["frontier"][0]
+    chosen = entry[entry["choice"]]
+    assert len(lines) == 2 and "within NFE 3" in lines[0] and f"T={chosen['T']:g}, {chosen['prior']} prior" in lines[0]
+    report = json.loads(lines[1])
+    for key in ("T", "prior", "sampler", "steps", "spacing", "eps", "nfe"):
+        assert report[key] == chosen[key], key
+    with np.load(out) as f:
+        assert int(f["nfe"]) == chosen["nfe"] and str(f["sampler"]) == chosen["sampler"]
+    # No budget <= N, and another run than the one the study measured: one line, exit 2.
+    for argv, message in ((["--nfe", "2", "--study", str(digits_study)], "no NFE budget <= 2"),
+                          (["--nfe", "6", "--study", str(tmp_path)], "has no frontier.json"),
+                          (["--nfe", "6", "--study", str(digits_study), "--T", "0.4"], "drop --T")):
+        assert main(["sample", str(run), *argv, "--out", str(tmp_path / "x.npz")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert main(["sample", str(tiny_run), "--nfe", "6", "--study", str(digits_study), "--out",
+                 str(tmp_path / "x.npz")]) == 2
+    assert "not the run the study measured" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def _frontier_cell(T: float, prior: str, records: list[tuple[int, float]], metric: str = "fd",
+                   spread: dict | None = None) -> dict:
+    return {"T": T, "prior": prior, "eps": 1e-5, "sample_eps": 1e-3, "run": "r", "sampling": [
+        {"sampler": "dpm++2m", "budget": "frontier", "steps": nfe - 1, "nfe": nfe, "spacing": "logsnr", "eps": 1e-3,
+         "quality": {metric: {"value": value, **(spread or {})}}} for nfe, value in records]}
+
+
+def test_quality_frontier_picks_the_best_within_each_budget():
+    ref = _frontier_cell(1.0, "standard", [(4, 10.0), (6, 1.0)])
+    cells = [ref, _frontier_cell(0.4, "flow", [(4, 9.0), (6, 12.0), (11, 3.0)]),
+             _frontier_cell(0.4, "standard", [(5, 7.0)]), _frontier_cell(0.6, "gaussian", [(7, 2.0)])]
+    got = {e["budget"]: e for e in quality_frontier(cells, "fd", [3, 4, 6, 10], 1.0, floor_sd=0.5)}
+    assert got[3]["best"] is None and got[3]["reference"] is None and got[3]["choice"] is None
+    b4 = got[4]
+    assert (b4["best"]["T"], b4["best"]["prior"], b4["best"]["nfe"], b4["best"]["value"]) == (0.4, "flow", 4, 9.0)
+    assert b4["reference"]["value"] == 10.0 and b4["difference"] == pytest.approx(-1.0)
+    assert b4["best"]["uncertainty"] == 0.5 and b4["best"]["uncertainty_kind"] == "data floor sd"
+    assert b4["difference_uncertainty"] == pytest.approx(math.hypot(0.5, 0.5)) and b4["verdict"] == "within noise"
+    assert b4["choice"] == "best" and b4["best"]["steps"] == 3 and b4["best"]["spacing"] == "logsnr"
+    # The reference cell's 1.0 at NFE 6 is the baseline, never the "best": that is kept separate.
+    b6 = got[6]
+    assert (b6["best"]["T"], b6["best"]["prior"], b6["best"]["value"]) == (0.4, "standard", 7.0)
+    assert b6["reference"]["value"] == 1.0 and b6["choice"] == "reference" and b6["verdict"] == "T=1 standard better"
+    # NFE 11 (value 3) does not fit a budget of 10; NFE 7 (value 2) does.
+    assert got[10]["best"]["value"] == 2.0 and got[10]["best"]["nfe"] == 7
+    assert got[10]["verdict"] == "within noise"
+    # A metric with its own uncertainty (SWD's se) uses it instead of the floor's sd.
+    swd = [_frontier_cell(1.0, "standard", [(4, 0.5)], "swd", {"se": 0.01}),
+           _frontier_cell(0.4, "flow", [(4, 0.2)], "swd", {"se": 0.02})]
+    (e,) = quality_frontier(swd, "swd", [4], 1.0, floor_sd=9.0)
+    assert e["best"]["uncertainty"] == 0.02 and e["best"]["uncertainty_kind"] == "se"
+    assert e["difference_uncertainty"] == pytest.approx(math.hypot(0.01, 0.02))
+    assert e["verdict"] == "shorter T / fitted prior better"
+
+
+def test_frontier_steps_meet_each_budget_exactly():
+    from difftime.sde import VPSDE
+
+    sde = VPSDE()
+    assert frontier_steps("dpm++3m", [4, 6, 10], sde, 1.0, 1e-3) == {4: 3, 6: 5, 10: 9}
+    assert frontier_steps("heun", [4, 5, 6, 7], sde, 1.0, 1e-3) == {5: 2, 7: 3}  # 2 NFE per step + 1
+    with pytest.raises(Exception, match="fixed NFE per step"):
+        frontier_steps("dopri5", [4, 6], sde, 1.0, 1e-3)

@@ -17,7 +17,29 @@ from typing import Any
 from difftime.errors import DifftimeError
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills {SAMPLERS}, {SPACINGS} and the {DEFAULT_*} names in help texts from difftime.sampling,
+    imported (with torch) only when help is shown."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and "{" in text:
+            from difftime import sampling
+
+            for key, value in (("{SAMPLERS}", ", ".join(sampling.SAMPLERS)),
+                               ("{SPACINGS}", ", ".join(sampling.SPACINGS)),
+                               ("{DEFAULT_SAMPLER}", sampling.DEFAULT_SAMPLER),
+                               ("{DEFAULT_SPACING}", sampling.DEFAULT_SPACING),
+                               ("{DEFAULT_SAMPLE_EPS}", f"{sampling.DEFAULT_SAMPLE_EPS:g}")):
+                text = text.replace(key, value)
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2, as for every other bad input
         raise DifftimeError(f"{self.prog}: {message} (see --help)")
 
@@ -157,6 +179,70 @@ def _fit_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampler_options(args: argparse.Namespace, run) -> tuple[str, str, float, dict[str, Any]]:
+    """(sampler, spacing, eps, sampler options) of ``sample`` / ``evaluate`` from their flags.
+
+    Unset flags take the library's defaults (difftime.sampling): DEFAULT_SAMPLER, DEFAULT_SPACING for
+    the samplers whose own grid is not uniform in t (the classic ones keep theirs unless --spacing is
+    given), and the sampling end time max(DEFAULT_SAMPLE_EPS, the run's eps).
+    """
+    import inspect
+
+    from difftime.sampling import DEFAULT_SAMPLE_EPS, DEFAULT_SAMPLER, DEFAULT_SPACING, SPACINGS, check_sampler
+
+    sampler = args.sampler if args.sampler is not None else DEFAULT_SAMPLER
+    own = inspect.signature(check_sampler(sampler)).parameters["spacing"].default
+    if args.spacing is not None and args.spacing not in SPACINGS:
+        raise DifftimeError(f"unknown spacing {args.spacing!r}; choose from {', '.join(SPACINGS)}")
+    spacing = args.spacing if args.spacing is not None else own if own == "time" else DEFAULT_SPACING
+    eps = args.eps if args.eps is not None else max(DEFAULT_SAMPLE_EPS, run.sde.eps)
+    options: dict[str, Any] = {"spacing": spacing, "denoise": not args.no_denoise}
+    if sampler == "pc":
+        options["snr"] = args.snr
+    return sampler, spacing, eps, options
+
+
+def _check_sampler_flags(args: argparse.Namespace) -> None:
+    """Unknown sampler or spacing: one line with the choices, before any run is loaded."""
+    from difftime.sampling import SPACINGS, check_sampler
+
+    if args.sampler is not None:
+        check_sampler(args.sampler)
+    if args.spacing is not None and args.spacing not in SPACINGS:
+        raise DifftimeError(f"unknown spacing {args.spacing!r}; choose from {', '.join(SPACINGS)}")
+
+
+def _frontier_choice(args: argparse.Namespace, run) -> dict[str, Any]:
+    """The configuration the study in --study found best for --nfe, checked against RUN."""
+    from difftime.io import read_json_file
+    from difftime.study import run_identity
+
+    given = [flag for flag, value in (("--T", args.T), ("--prior", args.prior), ("--sampler", args.sampler),
+                                      ("--spacing", args.spacing), ("--eps", args.eps), ("--steps", args.steps),
+                                      ("--steps-per-unit-time", args.steps_per_unit_time))
+             if value is not None] + (["--no-denoise"] if args.no_denoise else [])
+    if given:
+        raise DifftimeError(f"--nfe takes T, prior, sampler, steps, spacing and eps from the study; drop "
+                            f"{', '.join(given)}")
+    path = Path(args.study) / "frontier.json"
+    if not path.is_file():
+        raise DifftimeError(f"{args.study} has no frontier.json; run `difftime study` there (with "
+                            "study.frontier_samplers) first")
+    record = read_json_file(path, "study frontier")
+    entries = [e for e in record.get("frontier", []) if isinstance(e, dict) and e.get("choice")]
+    fits = [e for e in entries if e["budget"] <= args.nfe]
+    if not fits:
+        budgets = ", ".join(str(e["budget"]) for e in entries) or "none"
+        raise DifftimeError(f"{path} has no NFE budget <= {args.nfe} (its budgets: {budgets})")
+    entry = max(fits, key=lambda e: e["budget"])
+    chosen = entry[entry["choice"]]
+    if chosen.get("run_identity") and run_identity(run.config, run.step) != chosen["run_identity"]:
+        raise DifftimeError(f"{run.path} is not the run the study measured ({chosen.get('run')}, step "
+                            f"{chosen['run_identity']['step']}); sample that run, or rerun the study on this one")
+    return {"budget": entry["budget"], "side": entry["choice"], "metric": record.get("metric"), **chosen,
+            "reference": entry.get("reference")}
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -169,19 +255,50 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise DifftimeError(f"--out must end in .npz, got {out}")
+    if (args.nfe is None) != (args.study is None):
+        raise DifftimeError("--nfe N and --study DIR go together: sample with the study's best configuration "
+                            "for N network calls")
+    _check_sampler_flags(args)
     run = load_run(args.run, weights=args.weights)
-    T, eps = _horizon(run, args.T)
-    steps = args.steps if args.steps_per_unit_time is None else steps_for_horizon(T, args.steps_per_unit_time)
-    prior = resolve_prior(run, args.prior, T)
-    options = {"snr": args.snr} if args.sampler == "pc" else {}
-    samples, nfe, wall = draw_samples(run, prior, T, args.sampler, steps, args.n, seed=args.seed, eps=eps, **options)
+    choice = None
+    if args.nfe is not None:
+        choice = _frontier_choice(args, run)
+        T, _ = _horizon(run, choice["T"])
+        family, sampler, steps, eps = choice["prior"], choice["sampler"], choice["steps"], choice["eps"]
+        options: dict[str, Any] = {"denoise": choice.get("denoise", True)}
+        if choice.get("spacing"):
+            options["spacing"] = choice["spacing"]
+        spacing = choice.get("spacing")
+    else:
+        T, _ = _horizon(run, args.T)
+        family = args.prior or "standard"
+        sampler, spacing, eps, options = _sampler_options(args, run)
+        steps = args.steps or 10
+        if args.steps_per_unit_time is not None:
+            steps = steps_for_horizon(T, args.steps_per_unit_time)
+    T, eps = run.sde.check_horizon(T, eps)
+    prior = resolve_prior(run, family, T)
+    samples, nfe, wall = draw_samples(run, prior, T, sampler, steps, args.n, seed=args.seed, eps=eps, **options)
     buf = io.BytesIO()
-    np.savez(buf, samples=samples, T=T, eps=eps, nfe=nfe, seed=args.seed, sampler=args.sampler, prior=args.prior)
+    np.savez(buf, samples=samples, T=T, eps=eps, nfe=nfe, seed=args.seed, sampler=sampler, prior=family,
+             steps=steps, spacing=str(spacing), denoise=options["denoise"])
     atomic_write_bytes(out, buf.getvalue())
     if args.grid:
-        save_samples_figure(samples, args.grid, title=f"T={T:g}, {args.prior} prior, {args.sampler}, NFE={nfe}")
-    print(json.dumps({"out": str(out), "n": args.n, "T": T, "eps": eps, "prior": args.prior,
-                      "sampler": args.sampler, "steps": steps, "nfe": nfe, "wall_s": round(wall, 3)}))
+        save_samples_figure(samples, args.grid, title=f"T={T:g}, {family} prior, {sampler}, NFE={nfe}")
+    report = {"out": str(out), "n": args.n, "T": T, "eps": eps, "prior": family, "sampler": sampler, "steps": steps,
+              "spacing": spacing, "denoise": options["denoise"], "nfe": nfe, "wall_s": round(wall, 3)}
+    if choice is not None:
+        metric = (choice["metric"] or "quality").upper()
+        unc = f" +- {choice['uncertainty']:.3g}" if choice.get("uncertainty") is not None else ""
+        ref = choice.get("reference")
+        against = (f"; T={ref['T']:g} standard scored {metric} {ref['value']:.4g} at NFE {ref['nfe']}"
+                   if ref and choice["side"] != "reference" else "")
+        print(f"--nfe {args.nfe}: the study's best within NFE {choice['budget']} is T={T:g}, {family} prior, "
+              f"{sampler}, {steps} steps, {spacing} spacing, eps {eps:g} ({metric} {choice['value']:.4g}{unc} at "
+              f"NFE {choice['nfe']}{against})")
+        report["study"] = {"dir": str(args.study), "nfe": args.nfe, "budget": choice["budget"],
+                           "metric": choice["metric"], "value": choice["value"], "uncertainty": choice["uncertainty"]}
+    print(json.dumps(report))
     return 0
 
 
@@ -204,6 +321,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix != ".json":
         raise DifftimeError(f"--out must end in .json, got {out}")
+    _check_sampler_flags(args)
     run = load_run(args.run, weights=args.weights)
     T, eps = _horizon(run, args.T)
     prior = resolve_prior(run, args.prior, T)
@@ -221,10 +339,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if quality:
         from difftime.metrics import quality_metrics
 
+        # Sampling ends at its own eps (--eps, default DEFAULT_SAMPLE_EPS); the likelihoods keep the run's.
+        sampler, spacing, sample_eps, options = _sampler_options(args, run)
+        T, sample_eps = run.sde.check_horizon(T, sample_eps)
         steps = args.steps if args.steps_per_unit_time is None else steps_for_horizon(T, args.steps_per_unit_time)
-        samples, nfe, sample_wall = draw_samples(run, prior, T, args.sampler, steps, args.n, seed=args.seed, eps=eps)
-        result["sampling"] = {"sampler": args.sampler, "steps": steps, "nfe": nfe, "wall_s": sample_wall,
-                              "n": args.n}
+        samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, args.n, seed=args.seed,
+                                                 eps=sample_eps, **options)
+        result["sampling"] = {"sampler": sampler, "steps": steps, "spacing": spacing, "eps": sample_eps,
+                              "denoise": options["denoise"], "nfe": nfe, "wall_s": sample_wall, "n": args.n}
         result["quality"] = quality_metrics(samples, data_spec, quality, reference_split=args.split,
                                             seed=args.seed, progress=not args.no_progress)
     result.update({"run": str(run.path), "split": args.split, "seed": args.seed, "weights": args.weights,
@@ -266,7 +388,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         "T_grid": args.T_grid, "priors": args.priors, "samplers": args.samplers, "mode": args.mode,
         "n_samples": args.n_samples, "n_likelihood": args.n_likelihood, "fixed_steps": args.fixed_steps,
         "steps_per_unit_time": args.steps_per_unit_time, "prior_steps": args.prior_steps,
-        "fid": True if args.fid else None}.items() if v is not None}}
+        "spacing": args.spacing, "sample_eps": args.eps, "nfe_budgets": args.nfe_budgets,
+        "frontier_samplers": args.frontier_samplers, "fid": True if args.fid else None}.items() if v is not None}}
     if args.steps is not None:
         overrides["train"] = {"steps": args.steps}
     if args.seed is not None:
@@ -308,6 +431,21 @@ def _likelihood_table(r: dict[str, Any]) -> str:
                 rows.append(f"  {name:4s} {shown}  (reference: {r['quality'].get('reference_split')} split,"
                             f" n={r['quality'].get('n_reference')})")
     return "\n".join(rows)
+
+
+def _comma_list_or_none(text: str) -> list[str]:
+    return [] if text.strip().lower() == "none" else _comma_list(str)(text)
+
+
+def _sampler_arguments(p: argparse.ArgumentParser, purpose: str = "") -> None:
+    """--sampler, --spacing, --eps, --no-denoise and --snr; the defaults live in difftime.sampling."""
+    p.add_argument("--sampler", help=f"sampler{purpose}, one of {{SAMPLERS}} (default {{DEFAULT_SAMPLER}})")
+    p.add_argument("--spacing", help="time grid, one of {SPACINGS} (default {DEFAULT_SPACING}; samplers whose own "
+                   "grid is uniform in t, such as em and heun, keep it unless this is given)")
+    p.add_argument("--eps", type=_positive_float, help="sampling end time (default max({DEFAULT_SAMPLE_EPS}, the "
+                   "run's eps)); the likelihoods keep the run's eps")
+    p.add_argument("--no-denoise", action="store_true", help="end at x_eps, without the final Tweedie step")
+    p.add_argument("--snr", type=_positive_float, default=0.16, help="Langevin corrector snr (pc)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,13 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw x_T from a prior and integrate the reverse SDE/ODE on [eps, T]")
     p.add_argument("run", help="run directory")
     p.add_argument("--T", type=_positive_float, help="horizon to start from (default: training T)")
-    p.add_argument("--prior", default="standard", help="standard, or a fitted family: gaussian, flow, glow")
-    p.add_argument("--sampler", choices=["em", "pc", "euler", "heun", "dopri5"], default="em")
-    p.add_argument("--snr", type=_positive_float, default=0.16, help="Langevin corrector snr (pc)")
+    p.add_argument("--prior", help="standard (the default), or a fitted family: gaussian, flow, glow")
+    _sampler_arguments(p)
     steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=_positive_int, default=200)
+    steps.add_argument("--steps", type=_positive_int, help="sampler steps (default 10)")
     steps.add_argument("--steps-per-unit-time", type=_positive_float,
                        help="steps = round(K T): NFE proportional to T")
+    steps.add_argument("--nfe", type=_positive_int,
+                       help="with --study DIR: sample with the configuration (T, prior, sampler, steps, spacing, "
+                            "eps) that DIR's quality frontier found best within this many network calls")
+    p.add_argument("--study", help="a study directory holding frontier.json (with --nfe)")
     p.add_argument("--n", type=_positive_int, default=64)
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
@@ -377,10 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", default="standard", help="standard, or a fitted family: gaussian, flow, glow")
     p.add_argument("--metrics", default="elbo,nll",
                    help="comma list of: elbo, nll (likelihood); fid, fd, kid, pr (images); mmd, swd (2-D)")
-    p.add_argument("--sampler", choices=["em", "pc", "euler", "heun", "dopri5"], default="em",
-                   help="sampler for the quality metrics")
+    _sampler_arguments(p, " for the quality metrics")
     qsteps = p.add_mutually_exclusive_group()
-    qsteps.add_argument("--steps", type=_positive_int, default=200)
+    qsteps.add_argument("--steps", type=_positive_int, default=10)
     qsteps.add_argument("--steps-per-unit-time", type=_positive_float)
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--n", type=_positive_int, default=256, help="number of examples")
@@ -401,8 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="use this trained run (truncate mode) instead of training one")
     p.add_argument("--T-grid", type=_comma_list(_positive_float), help="comma list of T, e.g. 0.2,0.4,1.0")
     p.add_argument("--priors", type=_comma_list(str), help="comma list of: standard, gaussian, flow, glow")
-    p.add_argument("--samplers", type=_comma_list(str), help="comma list of: ode (= heun), em, euler, heun, pc, "
-                   "dopri5")
+    p.add_argument("--samplers", type=_comma_list(str), help="comma list of: {SAMPLERS}; ode (= heun), sde (= em)")
+    p.add_argument("--spacing", help="time grid of every sampler: auto (each sampler's own, the default) or one of "
+                   "{SPACINGS}")
+    p.add_argument("--eps", type=_positive_float, help="sampling end time (default: max({DEFAULT_SAMPLE_EPS}, the "
+                   "run's eps)); the likelihoods keep the run's eps")
+    p.add_argument("--nfe-budgets", type=_comma_list(_positive_int),
+                   help="NFE budgets of the quality frontier, e.g. 4,6,10,20")
+    p.add_argument("--frontier-samplers", type=_comma_list_or_none,
+                   help="samplers run at exactly each NFE budget for the frontier, e.g. dpm++2m,ipndm; none: skip")
     p.add_argument("--mode", choices=["truncate", "per-T"],
                    help="truncate: one model on [eps, 1] serves every T; per-T: one model trained per T")
     p.add_argument("--steps", type=_positive_int, help="training steps per model")

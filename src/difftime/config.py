@@ -53,7 +53,15 @@ DEFAULTS: dict[str, Any] = {
         "mode": "truncate",      # "truncate": one model on [eps, train.T]; "per-T": one model per T
         "T_grid": [0.2, 0.4, 0.6, 0.8, 1.0],
         "priors": ["standard", "gaussian", "flow"],
-        "samplers": ["heun", "em"],
+        "samplers": ["heun", "em"],  # any name in difftime.sampling.SAMPLERS; aliases ode (= heun), sde (= em)
+        "spacing": "auto",           # time grid of every sampler: auto (each sampler's own default) or a SPACINGS name
+        # The sampling end time, separate from sde.eps (which the likelihoods keep). 0 means
+        # max(sampling.DEFAULT_SAMPLE_EPS, sde.eps); the study records the value it resolved.
+        "sample_eps": 0.0,
+        # The quality frontier: the best (T, prior, sampler) within each NFE budget. Every cell samples
+        # each of frontier_samplers at exactly these NFE (empty: no frontier sampling).
+        "nfe_budgets": [4, 6, 8, 10, 15, 20, 30, 50],
+        "frontier_samplers": ["dpm++2m", "dpm++3m", "ipndm"],
         "steps_per_unit_time": 100.0,  # the budget proportional to T: round(steps_per_unit_time * T) steps
         "fixed_steps": 20,           # one budget shared by every T
         "n_samples": 500,

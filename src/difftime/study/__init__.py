@@ -12,13 +12,20 @@ Each cell measures, at horizon T with one prior: the ELBO terms and the PF-ODE b
 test split, the prior-improvement bound on KL(p_T || N), and, for every sampler, sample quality
 at a step count proportional to T and at one fixed step count. The cell at the largest T with
 the standard prior also sweeps the proportional step counts of the smaller T values, so short
-horizons can be compared with the usual T at equal NFE.
+horizons can be compared with the usual T at equal NFE. Every cell also samples each of
+``study.frontier_samplers`` at exactly the NFE of ``study.nfe_budgets`` (budget kind "frontier"):
+the quality frontier (``frontier.json``) is the best (T, prior, sampler) within each budget,
+against T = T_ref with the standard prior. Sampling ends at ``study.sample_eps``; the likelihoods
+keep sde.eps.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from difftime.config import build_config, merge, validate
+from difftime.config import build_config, merge, sde_config, validate
 from difftime.data import load_data
 from difftime.errors import DifftimeError
 from difftime.evaluation import draw_samples, likelihood_metrics, resolve_prior
@@ -37,7 +44,8 @@ from difftime.plots import save_samples_figure
 from difftime.priors import PRIOR_FAMILIES, fit_run_prior, prior_dir
 from difftime.provenance import versions
 from difftime.run import LOCK_FILE, load_run, read_run_config
-from difftime.sampling import SAMPLERS, steps_for_horizon
+from difftime.sampling import DEFAULT_SAMPLE_EPS, SAMPLERS, SPACINGS, steps_for_horizon
+from difftime.sde import sde_from_config
 from difftime.study.report import write_report
 from difftime.training import train_run
 
@@ -47,8 +55,53 @@ MODES = ("truncate", "per-T")
 GRID_KEYS = ("T_grid", "priors")
 
 
+def sample_eps(config: dict[str, Any]) -> float:
+    """The study's sampling end time: ``study.sample_eps``, or for 0 (auto)
+    max(sampling.DEFAULT_SAMPLE_EPS, sde.eps), never below the training eps by default."""
+    value = config["study"]["sample_eps"]
+    return float(value) if value > 0 else max(DEFAULT_SAMPLE_EPS, float(config["sde"]["eps"]))
+
+
+def default_spacing(sampler: str) -> str:
+    """The grid a registered sampler uses when it is given no ``spacing``."""
+    return inspect.signature(SAMPLERS[sampler]).parameters["spacing"].default
+
+
+def _probe_nfe(sampler: str, steps: int, sde, T: float, eps: float) -> int:
+    """The NFE ``sampler`` reports for ``steps`` steps, from a zero network on one scalar."""
+    def zero(x, t):
+        return torch.zeros_like(x)
+
+    with torch.no_grad():
+        _, nfe = SAMPLERS[sampler](zero, sde, torch.zeros(1, 1), T, eps, steps, torch.Generator().manual_seed(0))
+    return int(nfe)
+
+
+def frontier_steps(sampler: str, budgets: list[int], sde, T: float, eps: float) -> dict[int, int]:
+    """Budget -> the step count at which ``sampler`` spends exactly that NFE (with the final denoise),
+    for the budgets it can meet exactly. The NFE is measured: a step count s costs a s + b."""
+    n1, n2, n3 = (_probe_nfe(sampler, k, sde, T, eps) for k in (1, 2, 3))
+    a, b = n2 - n1, n1 - (n2 - n1)
+    if a < 1 or n3 != 3 * a + b:
+        raise DifftimeError(f"study.frontier_samplers: {sampler} does not spend a fixed NFE per step (it chooses "
+                            "its own steps); use a fixed-step sampler such as dpm++2m, dpm++3m, ipndm or ddim")
+    out = {B: (B - b) // a for B in budgets if B - b >= a and (B - b) % a == 0}
+    if not out:
+        raise DifftimeError(f"study.frontier_samplers: {sampler} spends {a} x steps + {b} NFE and meets none of "
+                            f"study.nfe_budgets {budgets} exactly")
+    return out
+
+
+def run_identity(run_config: dict[str, Any], step: int) -> dict[str, Any]:
+    """What says that a run is the one a study measured: its step and a hash of its config.json
+    ``config`` and ``resolved`` sections (a copied run directory keeps both)."""
+    blob = json.dumps({"config": run_config.get("config"), "resolved": run_config.get("resolved")}, sort_keys=True)
+    return {"step": int(step), "config_sha256": hashlib.sha256(blob.encode()).hexdigest()}
+
+
 def study_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The validated ``study`` section, with sampler aliases resolved and T values sorted."""
+    """The validated ``study`` section, with sampler aliases resolved, T values sorted, the sampling
+    eps resolved and the frontier's step count per sampler and budget."""
     s = copy.deepcopy(config["study"])
     sde, T_train = config["sde"], config["train"]["T"]
     if s["mode"] not in MODES:
@@ -72,6 +125,31 @@ def study_settings(config: dict[str, Any]) -> dict[str, Any]:
         raise DifftimeError(f"study.samplers: unknown {bad}; choose from "
                             f"{', '.join([*SAMPLERS, *SAMPLER_ALIASES])}")
     s["samplers"] = list(dict.fromkeys(samplers))
+    if s["spacing"] not in ("auto", *SPACINGS):
+        raise DifftimeError(f"study.spacing: unknown {s['spacing']!r}; choose from auto, {', '.join(SPACINGS)}")
+    if s["sample_eps"] < 0:
+        raise DifftimeError(f"study.sample_eps must be > 0 (or 0 for the default), got {s['sample_eps']}")
+    s["sample_eps"] = sample_eps(config)
+    if not s["sample_eps"] < s["T_grid"][0]:
+        raise DifftimeError(f"study.sample_eps={s['sample_eps']:g} must be below the smallest T, "
+                            f"{s['T_grid'][0]:g}")
+    bad = [B for B in s["nfe_budgets"] if B < 2]
+    if bad:
+        raise DifftimeError(f"study.nfe_budgets must hold integers >= 2 (one step and the denoise), got {bad}")
+    s["nfe_budgets"] = sorted(set(s["nfe_budgets"]))
+    frontier = [SAMPLER_ALIASES.get(name, name) for name in s["frontier_samplers"]]
+    bad = [name for name in frontier if name not in SAMPLERS]
+    if bad:
+        raise DifftimeError(f"study.frontier_samplers: unknown {bad}; choose from "
+                            f"{', '.join([*SAMPLERS, *SAMPLER_ALIASES])}")
+    s["frontier_samplers"] = list(dict.fromkeys(frontier))
+    if s["frontier_samplers"] and not s["nfe_budgets"]:
+        raise DifftimeError("study.nfe_budgets is empty; give budgets or set study.frontier_samplers to []")
+    sde = sde_from_config(sde_config(config))
+    # Stored as [budget, steps] pairs: JSON keys would turn the budgets into strings.
+    s["frontier_steps"] = {name: sorted(frontier_steps(name, s["nfe_budgets"], sde, s["T_grid"][-1],
+                                                       s["sample_eps"]).items())
+                           for name in s["frontier_samplers"]}
     for key in ("steps_per_unit_time", "fixed_steps", "n_samples", "n_likelihood", "n_t", "n_prior",
                 "dequant_repeats", "prior_steps", "prior_batch_size", "grid_images"):
         if s[key] < 1:
@@ -120,8 +198,9 @@ class Study:
     def __init__(self, out: str | Path, config: dict[str, Any], *, run: str | Path | None = None,
                  device: str = "cpu", progress: bool = True) -> None:
         self.out = Path(out)
-        self.config = config
         self.settings = study_settings(config)
+        # The resolved sampling eps goes into study.json: a rerun after the library default moved is refused.
+        self.config = merge(config, {"study": {"sample_eps": self.settings["sample_eps"]}})
         self.pretrained = str(Path(run).resolve()) if run is not None else None
         if self.pretrained is not None and self.settings["mode"] != "truncate":
             raise DifftimeError("--run uses one pretrained model, which is study mode 'truncate'; drop --mode per-T")
@@ -233,30 +312,37 @@ class Study:
         seed = self.config["seed"]
         budgets = [("proportional", steps_for_horizon(T, s["steps_per_unit_time"])), ("fixed", s["fixed_steps"])]
         budgets += [("sweep", steps) for steps in sweep]
+        plan = [(sampler, budget, steps, None) for sampler in s["samplers"] for budget, steps in budgets]
+        plan += [(sampler, "frontier", steps, nfe) for sampler in s["frontier_samplers"]
+                 for nfe, steps in s["frontier_steps"][sampler]]
         metric_names = quality_metric_names(s, dataset.is_image)
+        sample_eps = s["sample_eps"]
+        options = {} if s["spacing"] == "auto" else {"spacing": s["spacing"]}
         sampling: list[dict[str, Any]] = []
         grid_samples = None
-        for sampler in s["samplers"]:
-            done: set[int] = set()
-            for budget, steps in budgets:
-                if steps in done:
-                    continue
-                done.add(steps)
-                samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, s["n_samples"],
-                                                         seed=seed, eps=eps)
-                start = time.perf_counter()
-                quality = quality_metrics(samples, dataset.name, metric_names, reference_split="test", seed=seed,
-                                          progress=False)
-                sampling.append({"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe,
-                                 "n": s["n_samples"], "sample_wall_s": sample_wall,
-                                 "metrics_wall_s": time.perf_counter() - start, "quality": quality})
-                if grid_samples is None and budget == "proportional":
-                    grid_samples = (samples, sampler, nfe)
+        done: set[tuple[str, int]] = set()
+        for sampler, budget, steps, target_nfe in plan:
+            if (sampler, steps) in done:  # e.g. a frontier budget that a proportional one already sampled
+                continue
+            done.add((sampler, steps))
+            samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, s["n_samples"],
+                                                     seed=seed, eps=sample_eps, **options)
+            if target_nfe is not None and nfe != target_nfe:
+                raise DifftimeError(f"{sampler} with {steps} steps spent {nfe} NFE, not the budget {target_nfe}")
+            start = time.perf_counter()
+            quality = quality_metrics(samples, dataset.name, metric_names, reference_split="test", seed=seed,
+                                      progress=False)
+            sampling.append({"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe,
+                             "spacing": options.get("spacing", default_spacing(sampler)), "eps": sample_eps,
+                             "denoise": True, "n": s["n_samples"], "sample_wall_s": sample_wall,
+                             "metrics_wall_s": time.perf_counter() - start, "quality": quality})
+            if grid_samples is None and budget == "proportional":
+                grid_samples = (samples, sampler, nfe)
         assert grid_samples is not None
         samples, sampler, nfe = grid_samples
         name = cell_name(T, family)
         buf = io.BytesIO()
-        np.savez(buf, samples=samples, T=T, eps=eps, prior=family, sampler=sampler, nfe=nfe, seed=seed)
+        np.savez(buf, samples=samples, T=T, eps=sample_eps, prior=family, sampler=sampler, nfe=nfe, seed=seed)
         artifacts = {"samples": f"samples/{name}.npz"}
         atomic_write_bytes(self.out / artifacts["samples"], buf.getvalue())
         if dataset.is_image or samples.shape[-1] == 2:
@@ -265,7 +351,8 @@ class Study:
                                 self.out / artifacts["grid"], title=f"T={T:g}, {family} prior, {sampler}, NFE={nfe}")
         wall["sampling_s"] = sum(r["sample_wall_s"] for r in sampling)
         wall["quality_metrics_s"] = sum(r["metrics_wall_s"] for r in sampling)
-        cell = {"T": T, "eps": eps, "prior": family, "run": str(run.path),
+        cell = {"T": T, "eps": eps, "sample_eps": sample_eps, "prior": family, "run": str(run.path),
+                "run_identity": run_identity(run.config, run.step),
                 "T_train": run.config["config"]["train"]["T"], "prior_info": prior_info, "likelihood": likelihood,
                 "sampling": sampling, "wall": wall, "artifacts": artifacts}
         save_json(self.out / "cells" / f"{name}.json", cell)

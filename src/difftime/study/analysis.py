@@ -65,6 +65,7 @@ def flat_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for r in c["sampling"]:
             rows.append({**base, "sampler": r["sampler"], "budget": r["budget"], "steps": r["steps"], "nfe": r["nfe"],
+                         "spacing": r.get("spacing", ""), "sample_eps": r.get("eps", c["eps"]),
                          "n_samples": r["n"], "sample_wall_s": r["sample_wall_s"], **quality_columns(r)})
     return rows
 
@@ -224,3 +225,69 @@ def claims(cells: list[dict[str, Any]], metric: str | None, samplers: list[str],
     return lines
 
 
+
+
+def _uncertainty(entry: dict[str, Any], floor_sd: float | None) -> tuple[float | None, str | None]:
+    """A quality figure's uncertainty: the metric's own std (KID, over subsets) or se (SWD, over
+    projections) where it has one, the data floor's sd (how far the score moves between two draws of
+    the same distribution) otherwise."""
+    for key in ("std", "se"):
+        if isinstance(entry.get(key), (int, float)) and math.isfinite(entry[key]):
+            return float(entry[key]), key
+    return (floor_sd, "data floor sd") if floor_sd is not None else (None, None)
+
+
+def _configuration(cell: dict[str, Any], r: dict[str, Any], metric: str, floor_sd: float | None) -> dict[str, Any]:
+    """One sampling record as a configuration a user can rerun, with its score."""
+    unc, kind = _uncertainty(r["quality"][metric], floor_sd)
+    return {"T": cell["T"], "prior": cell["prior"], "sampler": r["sampler"], "steps": r["steps"], "nfe": r["nfe"],
+            "spacing": r.get("spacing"), "eps": r.get("eps", cell.get("sample_eps", cell.get("eps"))),
+            "denoise": r.get("denoise", True), "budget_kind": r["budget"], "value": r["quality"][metric]["value"],
+            "uncertainty": unc, "uncertainty_kind": kind, "run": cell.get("run"),
+            "run_identity": cell.get("run_identity")}
+
+
+def quality_frontier(cells: list[dict[str, Any]], metric: str, budgets: list[int], T_ref: float,
+                     floor_sd: float | None = None) -> list[dict[str, Any]]:
+    """How much diffusion time is enough for N network calls: per NFE budget N, the best
+    configuration (T, prior, sampler and its steps) by ``metric`` among every sampling record with
+    NFE <= N outside the reference cell, against the best record with NFE <= N of the reference cell,
+    T = ``T_ref`` with the standard prior.
+
+    Each side carries its uncertainty (:func:`_uncertainty`); the difference best - reference has
+    uncertainty sqrt(u_best^2 + u_ref^2), which overstates it when the two share x_T seeds. The
+    verdict is "shorter T / fitted prior better" or "T_ref standard better" beyond 2 of those, and
+    "within noise" inside. ``choice`` is the side with the lower score: what ``difftime sample --nfe``
+    uses. The best of many noisy configurations is biased low (a winner's curse), more so the more
+    configurations share a budget.
+    """
+    def is_ref(c: dict[str, Any]) -> bool:
+        return c["T"] == T_ref and c["prior"] == "standard"
+
+    def best(mine: list[dict[str, Any]], budget: int) -> dict[str, Any] | None:
+        scored = [(r["quality"][metric]["value"], r["nfe"], i, c, r) for i, (c, r) in enumerate(
+            (c, r) for c in mine for r in c["sampling"] if r["nfe"] <= budget and metric in r["quality"]
+            and math.isfinite(r["quality"][metric]["value"]))]
+        if not scored:
+            return None
+        _, _, _, c, r = min(scored, key=lambda x: x[:3])  # ties: fewer NFE, then the earlier record
+        return _configuration(c, r, metric, floor_sd)
+
+    out = []
+    for budget in sorted(set(budgets)):
+        entry: dict[str, Any] = {"budget": budget, "best": best([c for c in cells if not is_ref(c)], budget),
+                                 "reference": best([c for c in cells if is_ref(c)], budget), "difference": None,
+                                 "difference_uncertainty": None, "verdict": None}
+        b, ref = entry["best"], entry["reference"]
+        if b is not None and ref is not None:
+            diff = b["value"] - ref["value"]
+            entry["difference"] = diff
+            if b["uncertainty"] is not None and ref["uncertainty"] is not None:
+                unc = math.hypot(b["uncertainty"], ref["uncertainty"])
+                entry["difference_uncertainty"] = unc
+                entry["verdict"] = ("shorter T / fitted prior better" if diff < -2 * unc
+                                    else f"T={T_ref:g} standard better" if diff > 2 * unc else "within noise")
+        sides = [(side, entry[side]) for side in ("best", "reference") if entry[side] is not None]
+        entry["choice"] = min(sides, key=lambda sv: sv[1]["value"])[0] if sides else None
+        out.append(entry)
+    return out

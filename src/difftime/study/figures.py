@@ -111,6 +111,37 @@ def write_plots(summary: dict[str, Any], out: Path, metric: str | None, unit: st
         save_figure(fig, out / "quality_vs_nfe.png")
         written.append(("quality_vs_nfe.png", f"{metric.upper()} against NFE per sampler"))
 
+    frontier = summary.get("analyses", {}).get("frontier", {}).get("frontier", [])
+    if metric is not None and frontier:
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.subplots()
+        for side, style, label in (("best", "-o", f"best with T < {summary['T_ref']:g} or a fitted prior"),
+                                   ("reference", "k:s", f"T={summary['T_ref']:g} standard prior")):
+            pts = [(e["budget"], e[side]) for e in frontier if e[side] is not None]
+            if not pts:
+                continue
+            ys = [c["value"] for _, c in pts]
+            errs = [c["uncertainty"] or 0.0 for _, c in pts]
+            ax.errorbar([b for b, _ in pts], ys, yerr=[[min(err, 0.9 * y) for err, y in zip(errs, ys, strict=True)],
+                                                       errs], fmt=style, capsize=3, label=label)
+            if side == "best":
+                for b, c in pts:
+                    ax.annotate(f"T={c['T']:g}\n{c['prior']}\n{c['sampler']}", (b, c["value"]),
+                                textcoords="offset points", xytext=(0, -28), ha="center", fontsize=6)
+        if metric in floor_mean:
+            low, high = floor_mean[metric] - floor_sd.get(metric, 0), floor_mean[metric] + floor_sd.get(metric, 0)
+            ax.axhspan(max(low, 1e-9), high, color="gray", alpha=0.2, label="real data, mean +- sd")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE budget N (best configuration with NFE <= N)")
+        ax.set_ylabel(f"{metric.upper()} (lower is better, log scale)")
+        ax.set_title("quality frontier: how much diffusion time is enough for N network calls", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        save_figure(fig, out / "frontier.png")
+        written.append(("frontier.png", f"the quality frontier: best {metric.upper()} within each NFE budget, against "
+                                        f"T={summary['T_ref']:g} with the standard prior"))
+
     # Every T x prior: the grid of each cell's samples (or a scatter for 2-D data).
     Ts = sorted({c["T"] for c in cells})
     fig = Figure(figsize=(2.6 * len(priors), 2.6 * len(Ts)))

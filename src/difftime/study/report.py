@@ -22,6 +22,7 @@ from difftime.study.analysis import (
     nfe_savings,
     primary_metric,
     quality_columns,
+    quality_frontier,
 )
 from difftime.study.figures import write_plots
 
@@ -47,6 +48,26 @@ def _in_unit(cell: dict[str, Any], scale: float) -> dict[str, Any]:
 
 def _f(x: float, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _pm(value: float, unc: float | None, digits: int = 3) -> str:
+    return _f(value, digits) + (f" +- {_f(unc, digits)}" if unc is not None else "")
+
+
+def _config_text(c: dict[str, Any]) -> str:
+    return f"T={c['T']:g}, {c['prior']}, {c['sampler']} {c['steps']} steps" + (
+        f" ({c['spacing']})" if c.get("spacing") else "")
+
+
+def frontier_record(summary: dict[str, Any], metric: str | None, floor_sd: float | None) -> dict[str, Any]:
+    """frontier.json: the quality frontier and what it was computed from."""
+    s = summary["settings"]
+    frontier = quality_frontier(summary["cells"], metric, s.get("nfe_budgets", []), summary["T_ref"],
+                                floor_sd) if metric else []
+    return {"metric": metric, "T_ref": summary["T_ref"], "budgets": s.get("nfe_budgets", []),
+            "frontier_samplers": s.get("frontier_samplers", []), "sample_eps": s.get("sample_eps"),
+            "spacing": s.get("spacing"), "floor_sd": floor_sd, "n_samples": s["n_samples"],
+            "frontier": frontier}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -75,8 +96,11 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
                 "nfe_savings": nfe_savings(cells, metric, samplers, summary["T_ref"]) if metric else [],
                 "claims": [c.to_dict() for c in claims(shown, metric, samplers, summary["T_ref"], s["mode"], floor,
                                                        unit)]}
+    frontier = frontier_record(summary, metric, floor[1] if floor else None)
+    analyses["frontier"] = frontier
     summary["analyses"] = analyses
     rows = flat_rows(cells)
+    save_json(out / "frontier.json", frontier)
     save_json(out / "results.json", summary)
     atomic_write_bytes(out / "results.csv", _csv(rows))
     plots = write_plots({**summary, "cells": shown}, out, metric, unit)
@@ -98,7 +122,11 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
               f"({s['divergence']} divergence).")
     md.append(f"- Samples: {s['n_samples']} per entry, against the test split; step budgets: "
               f"round({s['steps_per_unit_time']} x T) steps (NFE proportional to T) and {s['fixed_steps']} fixed "
-              f"steps.")
+              f"steps" + (f"; {', '.join(s['frontier_samplers'])} at exactly NFE "
+                          f"{', '.join(map(str, s['nfe_budgets']))} for the quality frontier"
+                          if s.get("frontier_samplers") else "")
+              + (f". Sampling ends at eps = {s['sample_eps']:g} (spacing: {s.get('spacing', 'auto')})"
+                 if "sample_eps" in s else "") + ".")
     md.append("")
     md.append(f"## Likelihood ({unit}, lower is better)")
     md.append("")
@@ -129,7 +157,7 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
                       + f" (mean +- sd over {n_sub} disjoint subsets). That is the best a perfect model can score at "
                       "this sample size, and the sd is how far a score moves between two draws of the same "
                       "distribution: differences smaller than about twice it are not resolved.")
-        for sampler in samplers:
+        for sampler in dict.fromkeys([*samplers, *s.get("frontier_samplers", [])]):
             md.append("")
             md.append(f"### {sampler}")
             md.append("")
@@ -177,6 +205,29 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
                               "-", "-", "-", "-"])
         md.append(_table(["sampler", "prior", f"reference {metric.upper()} @ NFE", "T", "NFE", metric.upper(),
                           "NFE saved", f"T={summary['T_ref']:g} standard at that NFE"], srows))
+        md.append("")
+    if frontier["frontier"]:
+        md.append("## Quality frontier: how much diffusion time is enough for N network calls")
+        md.append("")
+        md.append(f"For each NFE budget N: the best configuration by {metric.upper()} among every sample set with "
+                  f"NFE <= N (any T < {summary['T_ref']:g} or fitted prior, any sampler and step count), against "
+                  f"the best with NFE <= N at T={summary['T_ref']:g} with the standard prior. Uncertainties: "
+                  + ("the data floor's sd" if floor and floor[1] is not None else "the metric's own std/se, if any")
+                  + " for each score, and their root sum of squares for the difference (conservative where "
+                  "the two share x_T seeds); the best of many configurations is biased low. "
+                  f"`difftime sample RUN --nfe N --study {out}` samples with the lower of the two.")
+        md.append("")
+        frows = []
+        for e in frontier["frontier"]:
+            b, ref = e["best"], e["reference"]
+            frows.append([str(e["budget"]), _config_text(b) if b else "-", str(b["nfe"]) if b else "-",
+                          _pm(b["value"], b["uncertainty"]) if b else "-",
+                          _config_text(ref) if ref else "-", str(ref["nfe"]) if ref else "-",
+                          _pm(ref["value"], ref["uncertainty"]) if ref else "-",
+                          _pm(e["difference"], e["difference_uncertainty"]) if e["difference"] is not None else "-",
+                          e["verdict"] or "-"])
+        md.append(_table(["NFE budget", "best configuration", "NFE", metric.upper(),
+                          f"T={summary['T_ref']:g} standard", "NFE", metric.upper(), "difference", "verdict"], frows))
         md.append("")
     md.append("## Where the paper's claims held on this data")
     md.append("")
