@@ -54,28 +54,9 @@ def report(suite: dict) -> str:
             lines.append(f"| {r['benchmark']} | {r['measure']} | {ours} ({r['ours_is']}) | {peer} ({r['peer_is']}) | "
                          f"{r['ratio']:.4g} | {r['units']} |")
     if "peer_samplers" in found:
-        p = found["peer_samplers"]
-        budgets = sorted({e["nfe_budget"] for e in p["table"]})
-        methods = list(dict.fromkeys(e["method"] for e in p["table"]))
-        cell = {(e["method"], e["nfe_budget"]): e for e in p["table"]}
-        floors = p["fd_of_training_images"]
-        lines += [
-            "",
-            "## Peer samplers in full",
-            "",
-            f"Classifier FD, mean +- standard deviation over {p['seeds']} seeds of n = {p['n']} samples each, "
-            f"against the {p['reference']}, with the mean wall seconds and the NFE used, per method and NFE budget; "
-            "`benchmarks/peer_samplers.py` has the settings. Real training images scored the same way (random "
-            f"subsets of {p['n']}) give FD {', '.join(f'{v:.2f}' for v in floors)}: what a perfect model would "
-            "score, and how much one FD moves with the draw.",
-            "",
-            "| method | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
-            "|---|" + "---|" * len(budgets),
-        ]
-        for method in methods:
-            lines.append(f"| {method} | " + " | ".join(
-                f"{c['fd_mean']:.2f} +- {c['fd_sd']:.2f} ({c['wall_s']:.1f} s, {c['nfe']})"
-                for c in (cell[(method, b)] for b in budgets)) + " |")
+        from peer_samplers import section
+
+        lines += ["", section(found["peer_samplers"], "python benchmarks/suite.py --only peer_samplers").rstrip()]
     lines += ["", "## Runs", "", "| benchmark | finished | wall | threads | load average |", "|---|---|---|---|---|"]
     for name, record in found.items():
         rm = record["machine"]
