@@ -122,6 +122,10 @@ def _train(args: argparse.Namespace, device: str) -> int:
             raise DifftimeError("train needs --out RUN (a new directory) or --resume RUN")
         out = Path(args.out)
         _check_new_output_dir(out)
+        # Every rank checks before any rank writes (rank 0 creates the lock file and config).
+        from difftime.distributed import barrier
+
+        barrier()
         config = build_config(args.preset, args.config, _train_overrides(args))
     result = train_run(config, out, resume=bool(args.resume), device=device, progress=not args.no_progress)
     if _is_main():
