@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "difftime.training": 2, "difftime.priors": 2, "difftime.sampling": 2, "difftime.likelihood": 2,
     "difftime.metrics": 2, "difftime.stats": 2,
     # 3: measurements
-    "difftime.evaluation": 3,
+    "difftime.evaluation": 3, "difftime.headroom": 3,
     # 4: the study
     "difftime.study": 4,
     # 5: the interface
