@@ -32,7 +32,7 @@ from difftime.data import Dataset
 from difftime.errors import DifftimeError
 from difftime.io import exclusive_lock
 from difftime.priors.base import Prior, PriorModule
-from difftime.priors.fit import fit_prior, heldout_nll, heldout_set
+from difftime.priors.fit import fit_prior, heldout_nll, heldout_set, save_fit_curve
 from difftime.priors.flow import FLOW_KINDS, FlowPrior
 from difftime.priors.gaussian import GaussianPrior
 from difftime.priors.glow import GlowPrior
@@ -56,6 +56,7 @@ __all__ = [
     "load_prior",
     "make_prior",
     "prior_dir",
+    "save_fit_curve",
     "save_prior",
     "training_data",
 ]
@@ -96,11 +97,13 @@ def make_prior(family: str, sde: SDE, T: float, dataset: Dataset, *, seed: int =
 
 def fit_run_prior(run_path: str | Path, sde: SDE, shape: tuple[int, ...], family: str, T: float, dataset: Dataset,
                   *, steps: int, batch_size: int, lr: float, seed: int = 0, progress: bool = True,
-                  **options: Any) -> tuple[PriorModule, dict[str, Any]]:
+                  fit_options: dict[str, Any] | None = None, **options: Any) -> tuple[PriorModule, dict[str, Any]]:
     """Build, fit and store a run's prior of ``family`` at T in ``prior_dir(run_path, family, T)``.
 
-    Fitting checkpoints into a hidden sibling folder, so a killed fit rerun with the same
-    arguments resumes; the stored prior only changes once the new one is complete.
+    ``fit_options`` go to :func:`fit_prior` (n_eval, eval_every, patience, z, schedule, warmup,
+    time_limit, data_init); ``options`` to the family. Fitting checkpoints into a hidden sibling
+    folder, so a killed fit rerun with the same arguments resumes; the stored prior only changes
+    once the new one is complete. The folder also holds the fit curve (fit_curve.json, .png).
     Returns the fitted prior and its fit record.
     """
     directory = prior_dir(run_path, family, T)
@@ -109,10 +112,12 @@ def fit_run_prior(run_path: str | Path, sde: SDE, shape: tuple[int, ...], family
     with exclusive_lock(lock, f"the {family} prior at T={T:g} of {run_path}") if main else contextlib.nullcontext():
         prior = make_prior(family, sde, T, dataset, seed=seed, **options)
         fit = fit_prior(prior, sde, T, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                        progress=progress, checkpoint=directory.with_name(f".{directory.name}.partial"))
+                        progress=progress, checkpoint=directory.with_name(f".{directory.name}.partial"),
+                        **(fit_options or {}))
         extra = {"fit": fit, "data": dataset.name, "seed": seed, "options": options,
                  "test_nll_bits_per_dim_of_x_T": fit["test_nll"] / (math.prod(shape) * math.log(2))}
         if main:
             save_prior(prior, directory, extra=json.loads(json.dumps(extra, default=str)))
+            save_fit_curve(fit, directory, f"{family} prior at T={T:g} ({dataset.name})")
     prior.eval()
     return prior, fit

@@ -50,12 +50,20 @@ def soft_clamp(x: Tensor, bound: float) -> Tensor:
 
 
 class ActNorm(nn.Module):
-    """y = (x + bias) * exp(logs) per channel; starts as the identity (no data-dependent init)."""
+    """y = (x + bias) * exp(logs) per channel; starts as the identity until :meth:`initialize`."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent init (Kingma & Dhariwal 2018): zero mean, unit variance per channel on x."""
+        mean = x.mean((0, 2, 3), keepdim=True)
+        std = x.std((0, 2, 3), keepdim=True, correction=0)
+        self.bias.copy_(-mean)
+        self.logs.copy_(-torch.log(std.clamp_min(1e-6)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logdet = self.logs.sum() * x.shape[2] * x.shape[3]
@@ -268,6 +276,24 @@ class GlowPrior(PriorModule):
                 eps.append(e.flatten(1))
         eps.append(h.flatten(1))
         return torch.cat(eps, 1), logdet
+
+    @torch.no_grad()
+    def data_init(self, x: Tensor) -> None:
+        """Initialise every actnorm on the batch x (B, C, H, W) of x_T, in order, so that each one's
+        output has zero mean and unit variance per channel. The input is already standardised by the
+        base Gaussian and the other layers start at the identity, so this moves nu only by the
+        batch's deviation from the moments (the warm start is kept to that accuracy)."""
+        h = self.base.whiten(x.reshape(x.shape[0], -1).to(self.base.mean.dtype))
+        if not self.base.diagonal:
+            h = h @ self.rotate.T
+        h = h.reshape(-1, *self.shape)
+        for level in range(self.levels):
+            h = squeeze(h)
+            for step in self.steps[level]:
+                step.actnorm.initialize(h)
+                h, _ = step(h)
+            if level < self.levels - 1:
+                h, _, _ = self.splits[level](h)
 
     def decode(self, eps: Tensor) -> Tensor:
         """eps (B, d) -> x (B, C, H, W), the exact inverse of :meth:`encode`."""

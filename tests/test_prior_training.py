@@ -1,0 +1,141 @@
+"""Flow training that uses its budget (issue 18): actnorm data init, the warm-up + cosine schedule,
+early stopping against the held-out noise, the time limit and the stored fit curve."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from difftime.data import load_data
+from difftime.priors import fit_prior, fit_run_prior, heldout_nll, heldout_set, make_prior
+from difftime.priors.fit import lr_factor
+from difftime.priors.glow import ActNorm
+from difftime.sde import VPSDE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def moons():
+    return load_data("toy:moons", seed=0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", seed=0)
+
+
+class ShiftPrior(nn.Module):
+    """N(mu, I) in 2-D with a trainable mean: its held-out NLL is a closed-form function of mu."""
+
+    def __init__(self, T: float, mu: torch.Tensor) -> None:
+        super().__init__()
+        self.T, self.shape = T, (2,)
+        self.mu = nn.Parameter(mu.clone().float())
+
+    def log_prob(self, x):
+        return -0.5 * ((x - self.mu) ** 2).sum(1) - math.log(2 * math.pi)
+
+    def sample(self, n, generator=None):
+        return self.mu.detach() + torch.randn(n, 2, generator=generator)
+
+
+def test_actnorm_data_init_gives_zero_mean_unit_variance_per_channel():
+    x = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.1, 2.0, 7.0])[
+        None, :, None, None] + torch.tensor([3.0, -1.0, 0.5])[None, :, None, None]
+    norm = ActNorm(3)
+    norm.initialize(x)
+    y, logdet = norm(x)
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(y.std((0, 2, 3), correction=0), torch.ones(3), atol=1e-5)
+    assert torch.allclose(norm.inverse(y), x, atol=1e-5)
+    assert torch.allclose(logdet, -x.std((0, 2, 3), correction=0).log().sum().expand(64) * 16, atol=1e-4)
+
+
+def test_glow_data_init_normalises_every_actnorm_and_keeps_the_gaussian_start(digits):
+    sde, T = VPSDE(), 0.4
+    glow = make_prior("glow", sde, T, digits, levels=2, steps_per_level=2, hidden=16)
+    # Push the input of every later actnorm off unit scale, as a trained layer would.
+    with torch.no_grad():
+        for level in glow.steps:
+            for step in level:
+                step.invconv.log_s.add_(0.7)
+    x = heldout_set(sde, T, digits, 2048, seed=5).reshape(-1, *digits.shape)
+    outputs = []
+    hooks = [step.actnorm.register_forward_hook(lambda m, i, o: outputs.append(o[0]))
+             for level in glow.steps for step in level]
+    glow.data_init(x)
+    outputs.clear()
+    glow.encode(x)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == 4
+    for y in outputs:
+        assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(y.shape[1]), atol=1e-4)
+        assert torch.allclose(y.std((0, 2, 3), correction=0), torch.ones(y.shape[1]), atol=1e-4)
+    # On the unperturbed Glow the data init is a small move away from its Gaussian base.
+    fresh = make_prior("glow", sde, T, digits, levels=2, steps_per_level=2, hidden=16)
+    before = heldout_nll(fresh, sde, T, digits, n_eval=1000, seed=1)
+    fresh.data_init(x)
+    assert abs(heldout_nll(fresh, sde, T, digits, n_eval=1000, seed=1) - before) < 0.5
+
+
+def test_warmup_cosine_schedule_values_and_the_optimizer_follows_it(moons):
+    w, total = 10, 110
+    f = [lr_factor("warmup_cosine", k, total, w) for k in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.5) and f[-1] == pytest.approx(0.5 * (
+        1 + math.cos(math.pi * 99 / 100)))
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
+    assert lr_factor("constant", 50, total, w) == 1.0 and lr_factor("cosine", 0, total, w) == 1.0
+    sde, T = VPSDE(), 0.4
+    prior = ShiftPrior(T, torch.zeros(2))
+    res = fit_prior(prior, sde, T, moons, steps=40, eval_every=10, warmup=5, lr=0.02, n_eval=200, patience=100,
+                    progress=False)
+    lrs = [h["lr"] for h in res["history"][1:]]  # the lr of the step just before each evaluation
+    assert lrs == pytest.approx([0.02 * lr_factor("warmup_cosine", k - 1, 40, 5) for k in (10, 20, 30, 40)])
+
+
+def test_patience_counts_only_degradations_the_heldout_noise_resolves(moons):
+    sde, T = VPSDE(), 0.4
+    x = heldout_set(sde, T, moons, 1000)
+    # Start at the held-out mean: every step wanders around the optimum, within the noise.
+    prior = ShiftPrior(T, x.mean(0))
+    res = fit_prior(prior, sde, T, moons, steps=200, eval_every=5, batch_size=16, lr=2e-3, patience=2,
+                    schedule="constant", n_eval=1000, progress=False)
+    worse = [h["test_nll"] > res["history"][0]["test_nll"] for h in res["history"][1:]]
+    assert sum(worse) >= 10  # a fixed count of 2 non-improving evaluations would have stopped it
+    assert res["stopped"] == "steps" and res["steps"] == 200
+    assert all(h["delta_vs_best"] <= 2 * h["se_vs_best"] for h in res["history"])
+    # A real degradation (the mean pushed far off) is resolved at once: after 2 bad evaluations the
+    # fit goes back to its best weights with lr / 3, twice, and then stops.
+    far = ShiftPrior(T, x.mean(0))
+    res = fit_prior(far, sde, T, moons, steps=200, eval_every=5, lr=5.0, patience=2, schedule="constant",
+                    n_eval=1000, progress=False)
+    assert res["stopped"] == "patience" and res["steps"] == 30 and res["best_step"] == 0 and res["lr_cuts"] == 2
+    assert [h.get("lr_cut") for h in res["history"]] == [None, None, 1, None, 2, None, None]
+    assert [h["lr"] for h in res["history"][1:]] == pytest.approx([5.0] * 2 + [5 / 3] * 2 + [5 / 9] * 2)
+    assert torch.allclose(far.mu.detach(), x.mean(0))  # the best (initial) weights are restored
+    res = fit_prior(ShiftPrior(T, x.mean(0)), sde, T, moons, steps=200, eval_every=5, lr=5.0, patience=2,
+                    lr_cuts=0, schedule="constant", n_eval=1000, progress=False)
+    assert res["stopped"] == "patience" and res["steps"] == 10
+    # The time limit ends the fit at its first evaluation past the limit.
+    res = fit_prior(ShiftPrior(T, x.mean(0)), sde, T, moons, steps=200, eval_every=50, time_limit=1e-9,
+                    n_eval=200, progress=False)
+    assert res["stopped"] == "time" and res["steps"] == 1
+
+
+def test_fit_run_prior_stores_the_fit_curve(tmp_path, moons):
+    sde, T = VPSDE(), 0.4
+    _, fit = fit_run_prior(tmp_path, sde, moons.shape, "flow", T, moons, steps=20, batch_size=64, lr=1e-3,
+                           progress=False, fit_options={"eval_every": 10, "n_eval": 200}, transforms=1,
+                           hidden=[8])
+    folder = tmp_path / "priors" / "flow-T0.4"
+    curve = json.loads((folder / "fit_curve.json").read_text())
+    assert [h["step"] for h in curve["history"]] == [0, 10, 20] and curve["n_eval"] == 200
+    assert (folder / "fit_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fit["history"] == curve["history"]
