@@ -132,7 +132,7 @@ def test_fit_prior_sample_and_evaluate(tmp_path, trained_run, capsys):
     shutil.copytree(trained_run, run)
     assert main(["fit-prior", str(run), "--T", "0.4", "--prior", "gaussian", "--no-progress"]) == 0
     folder = run / "priors" / "gaussian-T0.4"
-    assert {p.name for p in folder.iterdir()} == {"config.json", "prior.safetensors"}
+    assert {p.name for p in folder.iterdir()} == {"config.json", "prior.safetensors", "fit_curve.json", "fit_curve.png"}
     capsys.readouterr()
     assert main(["fit-prior", str(run), "--T", "0.4", "--prior", "gaussian"]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -70,3 +70,28 @@ def test_headroom_at_T_max_needs_no_solve_and_bad_input_is_one_error():
         prior_headroom(model, sde, {}, x_T, 0.5)
     with pytest.raises(DifftimeError, match="horizon"):
         prior_headroom(model, sde, {"s": GaussianMarginal(sde, MU, LAM, 0.5)}, x_T, 1.5)
+
+
+def test_evaluate_headroom_cli(tmp_path, tiny_run, capsys):
+    import shutil
+
+    from difftime.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["fit-prior", str(run), "--T", "0.4", "--prior", "gaussian", "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(run), "--T", "0.4", "--prior", "gaussian", "--metrics", "elbo", "--n", "4",
+                 "--n-t", "2", "--headroom", "standard,gaussian", "--headroom-n", "6", "--tol", "1e-3",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert "| gaussian |" in capsys.readouterr().out
+    head = json.loads(out.read_text())["headroom"]
+    assert head["n"] == 6 and head["dim"] == 64 and head["model"]["nfe"] > 0
+    assert set(head["priors"]) == {"standard", "gaussian"}
+    # The moment-matched Gaussian is closer to p_T than N(0, I): its cross-entropy is lower, paired.
+    gap = head["priors"]["standard"]["headroom"]["mean"] - head["priors"]["gaussian"]["headroom"]["mean"]
+    assert gap == pytest.approx(head["priors"]["gaussian"]["kl_lower_bound"]["mean"], abs=1e-6) and gap > 0
+    assert main(["evaluate", str(run), "--T", "0.4", "--metrics", "elbo", "--n", "2", "--n-t", "2",
+                 "--headroom", "flow", "--no-progress"]) == 2
+    assert "fit one first" in capsys.readouterr().err

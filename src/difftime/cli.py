@@ -172,14 +172,19 @@ def _fit_prior(args: argparse.Namespace) -> int:
                                      "hidden": tuple(args.hidden) if args.hidden else None}.items() if v is not None}
     elif args.prior == "glow":
         options = {k: v for k, v in {"levels": args.levels, "steps_per_level": args.steps_per_level,
-                                     "hidden": args.hidden[0] if args.hidden else None}.items() if v is not None}
+                                     "hidden": args.hidden[0] if args.hidden else None,
+                                     "base": args.base}.items() if v is not None}
+    fit_options = {k: v for k, v in {"n_eval": args.n_eval, "eval_every": args.eval_every, "schedule": args.schedule,
+                                     "time_limit": args.time_limit}.items() if v is not None}
     # A killed fit-prior, rerun with the same arguments, resumes.
     _, fit = fit_run_prior(run.path, run.sde, run.shape, args.prior, T, dataset, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress,
-                           **options)
+                           fit_options=fit_options, **options)
     if is_main():
         print(json.dumps({"prior": str(directory), "family": args.prior, "T": T, "test_nll_nats": fit["test_nll"],
-                          "steps": fit["steps"], "seconds": round(fit.get("seconds", 0.0), 2)}))
+                          "gain_over_start_nats": fit["gain"], "steps": fit["steps"], "best_step": fit["best_step"],
+                          "stopped": fit["stopped"], "fit_curve": str(directory / "fit_curve.png"),
+                          "seconds": round(fit.get("seconds", 0.0), 2)}))
     return 0
 
 
@@ -339,6 +344,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run, {args.prior: prior}, raw, T, likelihood, eps=eps, dequant_repeats=args.dequant_repeats,
             n_t=args.n_t, rtol=args.tol, atol=args.tol, divergence=args.divergence, seed=args.seed,
             progress=not args.no_progress)[args.prior])
+    if args.headroom:
+        from difftime.headroom import run_headroom
+
+        # The model's own PF-ODE marginal at T against each prior, on the same held-out x_T.
+        result["headroom"] = run_headroom(
+            run, {family: resolve_prior(run, family, T) for family in args.headroom}, T,
+            load_data(data_spec, seed=run.seed), n=args.headroom_n, seed=args.seed, rtol=args.tol, atol=args.tol,
+            divergence=args.divergence)
     quality = [m for m in metrics if m in QUALITY_METRICS]
     if quality:
         from difftime.metrics import quality_metrics
@@ -357,6 +370,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                    "run_config": run.config["config"], "resolved": run.config["resolved"], "step": run.step,
                    "versions": versions()})
     print(_likelihood_table(result))
+    if "headroom" in result:
+        from difftime.headroom import headroom_table
+
+        print(headroom_table([result["headroom"]]))
     if out is not None:
         save_json(out, result)
         print(f"wrote {out}")
@@ -491,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=_positive_int, nargs="+", help="hidden sizes (flow) or width (glow)")
     p.add_argument("--levels", type=_positive_int, help="glow levels")
     p.add_argument("--steps-per-level", type=_positive_int, help="glow steps per level")
+    p.add_argument("--base", choices=["diagonal", "full"], help="glow: standardise with the diagonal or the full "
+                   "(ZCA) moment-matched Gaussian")
+    p.add_argument("--n-eval", type=_int_at_least(2), help="held-out x_T for early stopping (default 4096)")
+    p.add_argument("--eval-every", type=_positive_int, help="optimizer steps between held-out evaluations")
+    p.add_argument("--schedule", choices=["warmup_cosine", "cosine", "constant"], help="learning-rate schedule")
+    p.add_argument("--time-limit", type=_positive_float, help="stop at the first evaluation after this many seconds")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing prior of this family and T")
     p.add_argument("--no-progress", action="store_true")
@@ -531,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequant-repeats", type=_positive_int, default=1)
     p.add_argument("--n-t", type=_positive_int, default=64, help="(t, z) draws per example for the ELBO")
     p.add_argument("--tol", type=_positive_float, default=1e-5, help="rtol = atol of the PF-ODE solve")
+    p.add_argument("--headroom", type=_comma_list(str), metavar="FAMILIES",
+                   help="comma list of priors (standard, gaussian, flow, glow) whose headroom at T to measure: "
+                        "CE(prior) - CE(the model's own PF-ODE marginal) on the same held-out x_T")
+    p.add_argument("--headroom-n", type=_int_at_least(2), default=200, help="held-out x_T for --headroom")
     p.add_argument("--divergence", choices=["auto", "exact", "hutchinson"], default="auto")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
