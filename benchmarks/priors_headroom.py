@@ -133,7 +133,12 @@ def main() -> None:
                                                              "options": {f: family_options(f, dataset.is_image)
                                                                          for f in families}},
         "per_T": []}
-    for T in (float(t) for t in args.T.split(",")):
+    grid = [float(t) for t in args.T.split(",")]
+    if (out / "results.json").is_file():  # keep the other T of an earlier invocation (a partial rerun)
+        earlier = json.loads((out / "results.json").read_text())
+        results["per_T"] = [r for r in earlier.get("per_T", []) if r["T"] not in grid]
+        results["earlier_commands"] = [*earlier.get("earlier_commands", []), earlier["command"]]
+    for T in grid:
         priors, fits = {}, {}
         for family in families:
             prior, fit, wall = fit_or_load(run, family, T, dataset, args)
@@ -152,7 +157,8 @@ def main() -> None:
                             atol=args.tol, batch=args.batch)
         print(json.dumps({"T": T, "model_nfe": head["model"]["nfe"], "wall_s": round(head["model"]["wall_s"], 1),
                           "headroom": {k: v["headroom"]["mean"] for k, v in head["priors"].items()}}), flush=True)
-        results["per_T"].append({"T": T, "fits": fits, "heldout": heldout, "headroom": head})
+        results["per_T"] = sorted([*results["per_T"], {"T": T, "fits": fits, "heldout": heldout, "headroom": head}],
+                                  key=lambda r: r["T"])
         save_json(out / "results.json", results)  # after every T: a kill keeps what was measured
         (out / "results.md").write_text(markdown(results))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
