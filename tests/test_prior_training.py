@@ -153,3 +153,13 @@ def test_fit_run_prior_stores_the_fit_curve(tmp_path, moons):
     assert [h["step"] for h in curve["history"]] == [0, 10, 20] and curve["n_eval"] == 200
     assert (folder / "fit_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert fit["history"] == curve["history"]
+
+
+def test_glow_defaults_to_the_full_gaussian_start(digits):
+    sde, T = VPSDE(), 0.2
+    glow = make_prior("glow", sde, T, digits, levels=2, steps_per_level=1, hidden=8)
+    assert glow.config()["base"] == "full"
+    x = heldout_set(sde, T, digits, 300)
+    torch.testing.assert_close(glow.log_prob(x), make_prior("gaussian", sde, T, digits).log_prob(x), atol=3e-5,
+                               rtol=0)
+    assert make_prior("glow", sde, T, digits, levels=1, max_full_dim=10).config()["base"] == "diagonal"

@@ -290,7 +290,7 @@ def test_glow_at_init_is_its_gaussian(digits):
     sde = VPSDE()
     T = 0.2
     x = heldout_set(sde, T, digits, 300)
-    glow = make_prior("glow", sde, T, digits, levels=2, steps_per_level=2, hidden=16)
+    glow = make_prior("glow", sde, T, digits, levels=2, steps_per_level=2, hidden=16, base="diagonal")
     diag = GaussianPrior.from_data(sde, T, training_data(digits), diagonal=True)
     torch.testing.assert_close(glow.log_prob(x), diag.log_prob(x), atol=2e-5, rtol=0)
     # base="full": ZCA whitening, so it starts at the full moment-matched Gaussian instead
@@ -364,7 +364,7 @@ def test_digits_training_improves_on_the_gaussian_start(digits):
     assert res["test_nll"] < gauss - 0.1, res["history"]
     assert heldout_nll(flow, sde, T, digits, seed=1) < heldout_nll(
         make_prior("gaussian", sde, T, digits), sde, T, digits, seed=1) - 0.1
-    glow = make_prior("glow", sde, T, digits, levels=2, steps_per_level=1, hidden=16)
+    glow = make_prior("glow", sde, T, digits, levels=2, steps_per_level=1, hidden=16, base="diagonal")
     res = fit_prior(glow, sde, T, digits, steps=60, eval_every=20, lr=3e-3, schedule="constant", progress=False)
     assert res["test_nll"] < res["history"][0]["test_nll"] - 0.3, res["history"]
 

@@ -1,8 +1,8 @@
 """A compact multi-scale Glow (Kingma & Dhariwal, 2018) for images (C, H, W).
 
-x is first standardised per dimension with the diagonal moment-matched Gaussian of p_T,
-u = (x - mean) / std (or, with ``base="full"``, ZCA-whitened with the full one, Sigma^{-1/2} (x - mean),
-which keeps each coordinate on its pixel).
+x is first ZCA-whitened with the full moment-matched Gaussian of p_T, Sigma^{-1/2} (x - mean),
+which keeps each coordinate on its pixel (``base="full"``, the default of ``from_data`` up to 4096
+dimensions), or standardised per dimension with the diagonal one, u = (x - mean) / std.
 Then, per level: squeeze (2x2 -> channels); ``steps_per_level`` x [actnorm, invertible 1x1
 conv (LU-parameterised), affine coupling]; and, except at the last level, split off half the
 channels, whitening them with a conditional Gaussian N(mu(h), sigma(h)^2) predicted from the
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from difftime.errors import DifftimeError
 from difftime.priors.base import PriorModule, std_normal_log_prob
 from difftime.priors.flow import whitening_rotation
-from difftime.priors.gaussian import GaussianPrior
+from difftime.priors.gaussian import DEFAULT_MAX_FULL_DIM, GaussianPrior
 from difftime.sde import SDE
 
 GLOW_BASES = ("diagonal", "full")
@@ -247,8 +247,14 @@ class GlowPrior(PriorModule):
         self.latent_shapes.append((c, h, w))
 
     @classmethod
-    def from_data(cls, sde: SDE, T: float, x0: Tensor, *, base: str = "diagonal", **options: Any) -> GlowPrior:
-        """A Glow standardised by ``GaussianPrior.from_data`` (diagonal, or full with ``base="full"``)."""
+    def from_data(cls, sde: SDE, T: float, x0: Tensor, *, base: str | None = None,
+                  max_full_dim: int = DEFAULT_MAX_FULL_DIM, **options: Any) -> GlowPrior:
+        """A Glow standardised by ``GaussianPrior.from_data``: ``base`` "full" (ZCA, the default up to
+        ``max_full_dim`` dimensions) or "diagonal". The full start is the KL-best Gaussian; the
+        diagonal one is far worse on images (MNIST, held-out x_T: 59.1 nats worse at T = 0.2, 5.9 at
+        T = 0.4), a gap the Glow must first close before it can gain on the full Gaussian."""
+        if base is None:
+            base = "full" if math.prod(x0.shape[1:]) <= int(max_full_dim) else "diagonal"
         gauss = GaussianPrior.from_data(sde, T, x0, diagonal=base == "diagonal")
         prior = cls(gauss.shape, gauss.T, base=base, **options)
         prior.base.load_state_dict(gauss.state_dict())
