@@ -51,6 +51,21 @@ class DriftPrior(ShiftPrior):
         return super().log_prob(x - 3.0 if self.training else x)
 
 
+class ScriptedPrior(ShiftPrior):
+    """Training moves a scalar p by lr per step (Adam on a constant gradient); the held-out NLL is the
+    standard normal's plus curve(p), the same for every example (a resolved change however small)."""
+
+    def __init__(self, T: float, curve) -> None:
+        super().__init__(T, torch.zeros(2))
+        self.mu.requires_grad_(False)
+        self.p = nn.Parameter(torch.zeros(()))
+        self.curve = curve
+
+    def log_prob(self, x):
+        base = super().log_prob(x)
+        return base + self.p if self.training else base - self.curve(float(self.p))
+
+
 def test_actnorm_data_init_gives_zero_mean_unit_variance_per_channel():
     x = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.1, 2.0, 7.0])[
         None, :, None, None] + torch.tensor([3.0, -1.0, 0.5])[None, :, None, None]
@@ -132,6 +147,15 @@ def test_patience_counts_only_degradations_the_heldout_noise_resolves(moons):
     res = fit_prior(DriftPrior(T, x.mean(0)), sde, T, moons, steps=200, eval_every=5, lr=0.05, patience=2,
                     lr_cuts=0, schedule="constant", n_eval=1000, progress=False)
     assert res["stopped"] == "patience" and res["steps"] == 10
+    # A rise the noise resolves, then a steady fall that is still above the best: it keeps training.
+    falls = fit_prior(ScriptedPrior(T, lambda p: 0.1 - 0.01 * (p / 5 - 1) if p > 0.5 else 0.0), sde, T, moons,
+                      steps=50, eval_every=5, lr=1.0, patience=2, lr_cuts=0, schedule="constant", n_eval=200,
+                      progress=False)
+    assert falls["stopped"] == "steps" and falls["best_step"] == 0
+    assert all(h["delta_vs_best"] > 2 * h["se_vs_best"] for h in falls["history"][1:])  # every one resolved
+    rises = fit_prior(ScriptedPrior(T, lambda p: 0.01 * p), sde, T, moons, steps=50, eval_every=5, lr=1.0,
+                      patience=2, lr_cuts=0, schedule="constant", n_eval=200, progress=False)
+    assert rises["stopped"] == "patience" and rises["steps"] == 10
     # The rule itself: within the noise the count restarts; a resolved rise counts unless still falling.
     assert bad_count(3, delta=0.05, se=0.03, z=2.0, falling=False) == 0
     assert bad_count(1, delta=0.07, se=0.03, z=2.0, falling=False) == 2

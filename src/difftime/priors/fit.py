@@ -241,7 +241,7 @@ def fit_prior(
     distributed.broadcast(prior.state_dict().values())  # the ranks must start from the same weights
     best_state = {k: v.detach().clone() for k, v in prior.state_dict().items()}
     init_nll = best_nll
-    best_step, bad_evals, step, cuts, stretch_low = 0, 0, 0, 0, best
+    best_step, bad_evals, step, cuts, stretch_low = 0, 0, 0, 0, math.inf
     running, n_running, skipped = 0.0, 0, 0
     saved = None
     if checkpoint is not None:
@@ -255,6 +255,7 @@ def fit_prior(
             best_state, meta = saved
             best, best_step, bad_evals, step, skipped, cuts, stretch_low = (
                 meta[k] for k in ("best", "best_step", "bad_evals", "step", "skipped", "cuts", "stretch_low"))
+            stretch_low = math.inf if stretch_low is None else stretch_low
             history = meta["history"]
             current = {k: v.clone() for k, v in prior.state_dict().items()}
             prior.load_state_dict(best_state)
@@ -311,17 +312,18 @@ def fit_prior(
                 if math.isfinite(test) and test < best:
                     best, best_step, best_nll = test, step, now
                     best_state = {k: v.detach().clone() for k, v in prior.state_dict().items()}
-                # "Falling": below every evaluation since the last one within the noise of the best
-                # (a random walk rarely makes a new low, a steady descent does at every evaluation).
-                bad_evals = bad_count(bad_evals, delta, se, z, falling=test < stretch_low)
-                stretch_low = test if bad_evals == 0 else min(stretch_low, test)
+                # "Falling": below every evaluation of the current run of resolved degradations (a
+                # random walk rarely makes a new low, a steady descent does at every evaluation).
+                started = bad_evals == 0
+                bad_evals = bad_count(bad_evals, delta, se, z, falling=not started and test < stretch_low)
+                stretch_low = test if started else min(stretch_low, test)
                 bar.set_postfix(test_nll=f"{test:.3f}", best=f"{best:.3f}")
                 if bad_evals >= int(patience):
                     if cuts >= int(lr_cuts):
                         stopped = "patience"
                         break
                     # Back to the best weights with a third of the learning rate, from the same step on.
-                    cuts, bad_evals, stretch_low = cuts + 1, 0, best
+                    cuts, bad_evals, stretch_low = cuts + 1, 0, math.inf
                     prior.load_state_dict(best_state)
                     opt.state.clear()
                     sched.base_lrs = [b / 3 for b in sched.base_lrs]
@@ -335,7 +337,7 @@ def fit_prior(
                     _save_fit_state(checkpoint, key, prior, best_state, opt, sched, gen, {
                         "best": best, "best_step": best_step, "bad_evals": bad_evals, "step": step,
                         "skipped": skipped, "cuts": cuts, "history": history,
-                        "stretch_low": stretch_low})
+                        "stretch_low": stretch_low if math.isfinite(stretch_low) else None})
     finally:
         bar.close()
         prior.load_state_dict(best_state)
