@@ -35,8 +35,14 @@ from tqdm.auto import tqdm
 from difftime import distributed
 from difftime.data import Dataset
 from difftime.errors import DifftimeError
-from difftime.io import (atomic_write_bytes, encode_tensors, load_tensors, read_checked_json, save_checked_json,
-                         save_json)
+from difftime.io import (
+    atomic_write_bytes,
+    encode_tensors,
+    load_tensors,
+    read_checked_json,
+    save_checked_json,
+    save_json,
+)
 from difftime.rng import stream_seed
 from difftime.sde import SDE
 
