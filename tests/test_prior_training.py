@@ -63,7 +63,10 @@ class ScriptedPrior(ShiftPrior):
 
     def log_prob(self, x):
         base = super().log_prob(x)
-        return base + self.p if self.training else base - self.curve(float(self.p))
+        if self.training:
+            return base + self.p
+        p = float(self.p.detach())
+        return base - (self.curve_x(p, x) if hasattr(self, "curve_x") else self.curve(p))
 
 
 def test_actnorm_data_init_gives_zero_mean_unit_variance_per_channel():
@@ -187,3 +190,31 @@ def test_glow_defaults_to_the_full_gaussian_start(digits):
     torch.testing.assert_close(glow.log_prob(x), make_prior("gaussian", sde, T, digits).log_prob(x), atol=3e-5,
                                rtol=0)
     assert make_prior("glow", sde, T, digits, levels=1, max_full_dim=10).config()["base"] == "diagonal"
+
+
+def test_an_unresolved_gain_keeps_the_start(moons):
+    """A best step whose held-out gain is within the noise is not kept: the prior returns to its start."""
+    sde, T = VPSDE(), 0.4
+    x = heldout_set(sde, T, moons, 1000)
+    # Per-example noise around a tiny mean gain: curve(p) = -1e-4 for p > 0 (every example gains the
+    # same, so its SE is 0 and it is resolved) vs a prior that wanders within the noise.
+    resolved = ScriptedPrior(T, lambda p: -1e-4 if p > 0.5 else 0.0)
+    res = fit_prior(resolved, sde, T, moons, steps=10, eval_every=5, lr=1.0, schedule="constant", n_eval=200,
+                    progress=False)
+    assert res["gain"]["resolved"] and not res["kept_start"] and res["best_step"] > 0 and float(resolved.p.detach()) > 0
+    # Now a gain of +-0.01 nats per example whose mean is half its standard error: it is the best
+    # evaluation (the only other is the start), but not resolved, so the start is kept.
+    held = heldout_set(sde, T, moons, 1000)  # fit_prior's early-stopping set (seed 0)
+    sign = torch.sign(torch.sin(1e4 * held[:, 0])).double()
+    a = 0.01
+    b = 0.5 * a * float(sign.std()) / math.sqrt(len(sign)) - a * float(sign.mean())
+    noisy = ScriptedPrior(T, lambda p: 0.0)
+    noisy.curve_x = lambda p, x: -(b + a * torch.sign(torch.sin(1e4 * x[:, 0]))) if p > 0.5 else 0.0 * x[:, 0]
+    res = fit_prior(noisy, sde, T, moons, steps=5, eval_every=5, lr=1.0, schedule="constant", n_eval=1000,
+                    progress=False)
+    assert res["gain"]["mean"] == pytest.approx(0.5 * res["gain"]["se"], rel=1e-3)
+    assert res["kept_start"] and res["best_step"] == 0 and float(noisy.p) == 0.0
+    assert res["test_nll"] == res["history"][0]["test_nll"] and not res["gain"]["resolved"]
+    res = fit_prior(noisy, sde, T, moons, steps=5, eval_every=5, lr=1.0, schedule="constant", n_eval=1000,
+                    require_gain=False, progress=False)
+    assert not res["kept_start"] and res["best_step"] == 5

@@ -181,6 +181,7 @@ def fit_prior(
     schedule: str = "warmup_cosine",
     warmup: int | None = None,
     data_init: bool = True,
+    require_gain: bool = True,
     time_limit: float | None = None,
     checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -202,7 +203,11 @@ def fit_prior(
     3e-4 gains 0.016 +- 0.0025 nats over 3000 steps.) ``schedule`` is "warmup_cosine" (``warmup`` steps, default
     min(100, steps // 10), then a cosine to 0 at ``steps``), "cosine" or "constant". With
     ``data_init``, a prior with a ``data_init(x)`` method (Glow's actnorms) is initialised on a batch
-    of x_T before training. ``time_limit`` (seconds) stops at the first evaluation past it.
+    of x_T before training. ``time_limit`` (seconds) stops at the first evaluation past it. With
+    ``require_gain``, the fitted weights replace the initial ones only when their held-out gain
+    exceeds ``z`` paired standard errors ("kept_start" says when they did not): measured on digits
+    at T = 0.6, a best step picked from 40 evaluations with an unresolved gain of 0.0004 +- 0.0005
+    nats was 0.0012 [0.0001, 0.0023] nats WORSE than the Gaussian on fresh noise.
 
     The same held-out set both stops training and scores it, so "test_nll" is slightly
     optimistic; for an unbiased comparison, score with ``heldout_nll(..., seed=seed + 1)``.
@@ -246,7 +251,7 @@ def fit_prior(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(schedule, k, total, warmup))
     distributed.broadcast(prior.state_dict().values())  # the ranks must start from the same weights
     best_state = {k: v.detach().clone() for k, v in prior.state_dict().items()}
-    init_nll = best_nll
+    init_state, init_nll = best_state, best_nll
     best_step, bad_evals, step, cuts, stretch_low = 0, 0, 0, 0, math.inf
     running, n_running, skipped = 0.0, 0, 0
     saved = None
@@ -255,7 +260,8 @@ def fit_prior(
         key = _run_key(prior, T, {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every,
                                   "patience": patience, "z": z, "lr_cuts": lr_cuts, "n_eval": n_eval, "seed": seed,
                                   "grad_clip": grad_clip, "schedule": schedule, "warmup": warmup,
-                                  "data_init": data_init, "time_limit": time_limit})
+                                  "data_init": data_init, "require_gain": require_gain,
+                                  "time_limit": time_limit})
         saved = _load_fit_state(checkpoint, key, prior, opt, sched, gen)
         if saved is not None:
             best_state, meta = saved
@@ -351,8 +357,13 @@ def fit_prior(
     if checkpoint is not None and distributed.is_main():
         shutil.rmtree(checkpoint, ignore_errors=True)
     gain = {"mean": init - best, "se": paired_se(best_nll, init_nll) if best_step else 0.0}
+    gain["resolved"] = gain["mean"] > z * gain["se"]
+    kept_start = bool(best_step) and require_gain and not gain["resolved"]
+    if kept_start:  # the fitted weights must earn their place: a gain within the noise is selection noise
+        prior.load_state_dict(init_state)
+        best, best_step = init, 0
     return {"test_nll": best, "history": history, "steps": step, "best_step": best_step, "stopped": stopped,
-            "gain": gain, "n_eval": int(n_eval), "schedule": schedule, "warmup": warmup, "z": z, "lr_cuts": cuts,
+            "gain": gain, "kept_start": kept_start, "n_eval": int(n_eval), "schedule": schedule, "warmup": warmup, "z": z, "lr_cuts": cuts,
             "seconds": time.perf_counter() - start}
 
 
