@@ -363,7 +363,8 @@ def fit_prior(
         prior.load_state_dict(init_state)
         best, best_step = init, 0
     return {"test_nll": best, "history": history, "steps": step, "best_step": best_step, "stopped": stopped,
-            "gain": gain, "kept_start": kept_start, "n_eval": int(n_eval), "schedule": schedule, "warmup": warmup, "z": z, "lr_cuts": cuts,
+            "gain": gain, "kept_start": kept_start, "n_eval": int(n_eval), "schedule": schedule, "warmup": warmup,
+            "z": z, "lr_cuts": cuts,
             "seconds": time.perf_counter() - start}
 
 
