@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -194,3 +196,28 @@ def test_paired_and_unpaired_differences_by_hand():
         paired_difference(a, b[:3])
     with pytest.raises(ValueError):
         adjacent_differences(a)
+
+
+def test_likelihood_across_T_one_solve_matches_a_solve_per_T(tiny_run, one_thread):
+    """Truncate mode: one PF-ODE solve to max T gives each T's log-likelihood as a solve per T would
+    (same probes, same dequantization), and the ELBO rows of a run per T (inverse_cdf) equal the
+    one-run rows with that design: the draws at T do not depend on the grid."""
+    from difftime.data import load_data
+    from difftime.evaluation import likelihood_across_T
+    from difftime.priors import StandardPrior
+    from difftime.run import load_run
+
+    run, other = load_run(tiny_run), load_run(tiny_run)
+    Ts = (0.4, 1.0)
+    priors = {T: {"standard": StandardPrior.for_sde(run.sde, T, run.shape)} for T in Ts}
+    raw = load_data("digits").test[:4]
+    opts = {"n_t": 8, "n_prior": 2, "rtol": 1e-4, "atol": 1e-4, "divergence": "hutchinson", "progress": False}
+    one = likelihood_across_T({T: run for T in Ts}, priors, raw, elbo_design="inverse_cdf", **opts)
+    per_T = likelihood_across_T({0.4: other, 1.0: run}, priors, raw, **opts)  # not one network object
+    assert one.one_solve and not per_T.one_solve and per_T.elbo_design == "inverse_cdf"
+    np.testing.assert_allclose(one.per_example["nll"], per_T.per_example["nll"], atol=1e-2)  # solver tolerance 1e-4; a wrong T moves it by > 0.1
+    np.testing.assert_allclose(one.per_example["elbo"], per_T.per_example["elbo"], rtol=1e-9)
+    # Adjacent differences from the table equal the difference of the cells' means.
+    d = one.difference("nll", (1.0, "standard"), (0.4, "standard"))
+    assert d.mean == pytest.approx(one.summaries[1.0]["standard"]["nll"]["bpd"]
+                                   - one.summaries[0.4]["standard"]["nll"]["bpd"], abs=1e-9)

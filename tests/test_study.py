@@ -67,8 +67,27 @@ def test_numbers_are_consistent(digits_study):
     assert len(r["cells"]) == 6
     assert r["versions"]["torch"] and r["config"]["seed"] == 0 and r["settings"]["n_samples"] == 64
     floor = r["data_floor"]
-    assert floor["n_samples"] == 64 and len(floor["subsets"]) == 3  # 1,497 training digits hold 3 disjoint subsets
-    assert all(math.isfinite(q["fd"]["value"]) for q in floor["subsets"])
+    # "auto" references the larger split (training digits); held-out test digits are the floor.
+    assert floor["n_samples"] == 64 and floor["split"] == "test" and floor["reference_split"] == "train"
+    assert floor["quality"]["kid"]["se"] > 0 and "replicates" not in floor["quality"]["kid"]  # kept out of results
+    stored = json.loads((digits_study / "data_floor.json").read_text())["quality"]["kid"]
+    assert len(stored["replicates"]) == r["settings"]["bootstrap"] == 200
+    assert stored["se"] == pytest.approx(np.std(stored["replicates"], ddof=1))
+    # The likelihood is paired across every cell: one solve, nested ELBO draws, and paired standard
+    # errors of T differences well below the per-cell ones.
+    paired = r["likelihood_paired"]["metrics"]
+    assert r["elbo_design"] == "nested" and all(c["likelihood"]["nll"]["one_solve"] for c in r["cells"])
+    cells = {(c["T"], c["prior"]): c["likelihood"] for c in r["cells"]}
+    for metric, key in (("elbo", "elbo"), ("nll", "nll")):
+        for a in paired[metric]["adjacent"]:
+            lo_cell, hi_cell = cells[a["T_a"], a["prior"]][key], cells[a["T_b"], a["prior"]][key]
+            assert a["mean"] == pytest.approx(hi_cell["bpd"] - lo_cell["bpd"], abs=1e-9)
+            # (This 30-step model's PF-ODE is far from the data at T = 1, so its NLL pairs less well.)
+            factor = 0.5 if metric == "elbo" else 1.0
+            assert a["se"] < factor * math.hypot(lo_cell["bpd_se"], hi_cell["bpd_se"]), (metric, a)
+        assert len(paired[metric]["vs_reference"]) == 5 and len(paired[metric]["vs_standard"]) == 4
+    with np.load(digits_study / "likelihood.npz") as f:
+        assert f["elbo"].shape == f["nll"].shape == (2, 3, 16)
     d = 64
     for cell in r["cells"]:
         e, nll = cell["likelihood"]["elbo"], cell["likelihood"]["nll"]
@@ -197,61 +216,111 @@ def test_per_T_mode_on_2d_data(tmp_path):
     assert (out / "samples.png").stat().st_size > 0
 
 
-def _cell(T: float, prior: str, bpd: float, prior_bpd: float, score_bpd: float, fd: float, steps: int,
-          se: float = 0.01) -> dict:
+def _cell(T: float, prior: str, kid: float, steps: int, se: float = 0.01, shift: float = 0.0) -> dict:
+    reps = [kid + se * z + shift for z in np.random.default_rng(0).standard_normal(200)]
     sampling = [{"sampler": "em", "budget": "proportional", "steps": steps, "nfe": steps + 1,
-                 "sample_wall_s": steps / 100, "quality": {"fd": {"value": fd}}}]
-    elbo = {"bpd": bpd, "bpd_se": se, "prior_bpd": prior_bpd, "score_bpd": score_bpd}
-    return {"T": T, "prior": prior, "likelihood": {"elbo": elbo}, "sampling": sampling}
+                 "sample_wall_s": steps / 100, "quality": {"kid": {"value": kid, "replicates": reps}}}]
+    return {"T": T, "prior": prior, "sampling": sampling}
 
 
-def test_claims_follow_the_numbers():
-    interior = [_cell(0.2, "standard", 5.0, 3.0, 1.0, 30.0, 20), _cell(0.6, "standard", 4.0, 1.0, 2.0, 20.0, 60),
-                _cell(1.0, "standard", 4.5, 0.5, 3.0, 10.0, 100), _cell(0.2, "flow", 4.2, 1.2, 1.0, 9.0, 20)]
-    found = {c.name: c for c in claims(interior, "fd", ["em"], 1.0, "per-T")}
-    assert found["finite_best_T"].verdict == "HELD" and found["finite_best_T"].numbers["best_T"] == 0.6
-    assert found["short_T_likelihood"].verdict == "HELD"
-    assert found["short_T_quality_em"].verdict == "HELD"  # 9 vs 10, no noise figure given
-    assert found["short_T_quality_em"].numbers["difference"] == pytest.approx(-1.0)
-    noisy_floor = {c.name: c for c in claims(interior, "fd", ["em"], 1.0, "per-T", floor=(2.0, 1.0))}
-    assert noisy_floor["short_T_quality_em"].verdict == "HELD WITHIN NOISE"  # 9 vs 10 with an sd of 1
+def _paired(means: dict[tuple[float, str], float], se: float = 0.01) -> dict:
+    """A paired_likelihood record from per-example bits/dim with these means (common noise + small spread)."""
+    from difftime.study.analysis import paired_likelihood
+
+    class Result:
+        Ts = tuple(sorted({T for T, _ in means}))
+        priors = tuple(dict.fromkeys(p for _, p in means))
+
+        def difference(self, metric, a, b, level=0.95):
+            from difftime.stats import paired_difference
+            v = self.per_example[metric]
+            return paired_difference(v[self.Ts.index(a[0]), self.priors.index(a[1])],
+                                     v[self.Ts.index(b[0]), self.priors.index(b[1])], level)
+
+    result = Result()
+    rng = np.random.default_rng(1)
+    common = rng.standard_normal(100)
+    values = np.full((len(result.Ts), len(result.priors), 100), np.nan)
+    for (T, p), m in means.items():
+        noise = rng.standard_normal(100)
+        values[result.Ts.index(T), result.priors.index(p)] = m + common + se * 10 * (noise - noise.mean())
+    result.per_example = {"elbo": values, "nll": values}
+    return paired_likelihood(result, max(result.Ts))
+
+
+def test_claims_follow_the_paired_intervals():
+    means = {(0.2, "standard"): 5.0, (0.6, "standard"): 4.0, (1.0, "standard"): 4.5, (0.2, "flow"): 4.2,
+             (0.6, "flow"): 4.1, (1.0, "flow"): 4.5}
+    cells = [_cell(0.2, "standard", 0.03, 20), _cell(0.6, "standard", 0.02, 60), _cell(1.0, "standard", 0.010, 100),
+             _cell(0.2, "flow", 0.005, 20, shift=0.0), _cell(0.6, "flow", 0.02, 60), _cell(1.0, "flow", 0.01, 100)]
+    found = {c.name: c for c in claims(cells, _paired(means), "kid", ["em"], 1.0, "per-T")}
+    assert found["finite_best_T"].verdict == "HELD" and found["finite_best_T"].numbers["resolved_by"] == ["elbo", "nll"]
+    assert found["finite_best_T"].numbers["per_metric"]["elbo"]["best_T"] == 0.6
+    assert found["short_T_likelihood"].verdict == "HELD"  # flow at 0.6: 4.1 against 4.5, paired
+    # KID 0.005 against 0.010 on the same replicate noise: a resolved paired difference.
+    assert found["short_T_quality_em"].verdict == "HELD"
+    assert found["short_T_quality_em"].numbers["difference"]["mean"] == pytest.approx(-0.005)
     assert found["cost_proportional_to_T"].verdict == "HELD"
-    assert "finite best T: HELD" in found["finite_best_T"].text  # the report's prose carries the verdict
-    monotone = [_cell(0.2, "standard", 6.0, 3.0, 1.0, 30.0, 20), _cell(1.0, "standard", 4.0, 0.5, 3.0, 10.0, 100),
-                _cell(0.2, "flow", 4.5, 1.2, 1.0, 11.0, 20)]
-    found = {c.name: c for c in claims(monotone, "fd", ["em"], 1.0, "truncate")}
+    assert "finite best T with the standard prior: HELD" in found["finite_best_T"].text
+    # Monotone in T: the largest T is best, and the short cells are worse beyond their intervals.
+    monotone = {(0.2, "standard"): 6.0, (1.0, "standard"): 4.0, (0.2, "flow"): 4.5}
+    mono_cells = [_cell(0.2, "standard", 0.03, 20), _cell(1.0, "standard", 0.01, 100), _cell(0.2, "flow", 0.02, 20)]
+    found = {c.name: c for c in claims(mono_cells, _paired(monotone), "kid", ["em"], 1.0, "truncate")}
     assert found["finite_best_T"].verdict == "DID NOT HOLD"
     assert found["short_T_likelihood"].verdict == "DID NOT HOLD"
     assert found["short_T_quality_em"].verdict == "DID NOT HOLD"
-    noisy = [_cell(0.6, "standard", 4.0, 1.0, 2.0, 20.0, 60, se=0.3), _cell(1.0, "standard", 4.2, 0.5, 3.0, 10.0, 100,
-                                                                              se=0.3)]
-    assert claims(noisy, "fd", ["em"], 1.0, "per-T")[0].verdict == "NOT RESOLVED"
-    saving = nfe_savings(interior, "fd", ["em"], 1.0)
+    # A gap far inside the noise of the paired differences is not resolved, whichever way it points.
+    close = {(0.6, "standard"): 4.0, (1.0, "standard"): 4.001}
+    assert claims([_cell(0.6, "standard", 0.02, 60), _cell(1.0, "standard", 0.01, 100)], _paired(close, se=0.05),
+                  "kid", ["em"], 1.0, "per-T")[0].verdict == "NOT RESOLVED"
+    # Replicates drawn with independent noise: KID 0.005 vs 0.010 with se 0.01 each is not resolved.
+    noisy = [_cell(1.0, "standard", 0.010, 100, se=0.01), _cell(0.2, "flow", 0.005, 20, se=0.01)]
+    noisy[1]["sampling"][0]["quality"]["kid"]["replicates"] = list(
+        0.005 + 0.01 * np.random.default_rng(7).standard_normal(200))
+    found = {c.name: c for c in claims(noisy, _paired({(0.2, "flow"): 4.0, (1.0, "flow"): 4.0,
+                                                      (0.2, "standard"): 4.0, (1.0, "standard"): 4.0}),
+                                       "kid", ["em"], 1.0, "per-T")}
+    assert found["short_T_quality_em"].verdict == "NOT RESOLVED"
+    saving = nfe_savings(cells, "kid", ["em"], 1.0)
     flow = next(s for s in saving if s["prior"] == "flow")
     assert flow["reached"] and flow["nfe"] == 21 and flow["saving"] == pytest.approx(1 - 21 / 101)
-    assert next(s for s in nfe_savings(monotone, "fd", ["em"], 1.0) if s["prior"] == "flow")["reached"] is False
+    assert next(s for s in nfe_savings(mono_cells, "kid", ["em"], 1.0) if s["prior"] == "flow")["reached"] is False
 
+
+def test_below_floor_is_flagged_with_its_recall():
+    from difftime.study.analysis import below_floor
+
+    rng = np.random.default_rng(0).standard_normal(200)
+    floor = {"kid": {"value": 0.002, "replicates": list(0.002 + 1e-4 * rng)}, "pr": {"recall": 0.7}}
+    record = {"sampler": "em", "quality": {"kid": {"value": 0.001, "replicates": list(0.001 + 1e-4 * rng)},
+                                           "pr": {"precision": 0.9, "recall": 0.3}}}
+    flag = below_floor(record, floor, "kid")
+    assert flag["difference"] == pytest.approx(-0.001) and flag["hi"] < 0 and flag["recall"] == 0.3
+    record["quality"]["kid"]["value"] = 0.003
+    record["quality"]["kid"]["replicates"] = list(0.003 + 1e-4 * rng)
+    assert below_floor(record, floor, "kid") is None
 
 
 def test_quality_frontier_is_written_and_sample_picks_from_it(digits_study, tiny_run, tmp_path, capsys):
     r = _results(digits_study)
     frontier = json.loads((digits_study / "frontier.json").read_text())
     assert frontier == r["analyses"]["frontier"]
-    assert frontier["metric"] == "fd" and frontier["T_ref"] == 1.0 and frontier["budgets"] == [3, 6]
+    assert frontier["metric"] == "kid" and frontier["T_ref"] == 1.0 and frontier["budgets"] == [3, 6]
     records = [(c, s) for c in r["cells"] for s in c["sampling"]]
     for entry in frontier["frontier"]:
         B, best, ref = entry["budget"], entry["best"], entry["reference"]
-        others = [s["quality"]["fd"]["value"] for c, s in records if s["nfe"] <= B
+        others = [s["quality"]["kid"]["value"] for c, s in records if s["nfe"] <= B
                   and not (c["T"] == 1.0 and c["prior"] == "standard")]
         assert best["nfe"] <= B and best["value"] == min(others)
         assert not (best["T"] == 1.0 and best["prior"] == "standard")
         assert ref["T"] == 1.0 and ref["prior"] == "standard" and ref["nfe"] <= B
-        assert ref["value"] == min(s["quality"]["fd"]["value"] for c, s in records if s["nfe"] <= B
+        assert ref["value"] == min(s["quality"]["kid"]["value"] for c, s in records if s["nfe"] <= B
                                    and c["T"] == 1.0 and c["prior"] == "standard")
-        # FD has no uncertainty of its own: the data floor's sd over its 3 subsets stands in.
-        assert best["uncertainty"] == ref["uncertainty"] == frontier["floor_sd"] > 0
+        # Each side's bootstrap se; the difference's paired bootstrap interval around it.
+        assert best["uncertainty_kind"] == ref["uncertainty_kind"] == "se" and best["uncertainty"] > 0
         assert entry["difference"] == pytest.approx(best["value"] - ref["value"])
-        assert entry["difference_uncertainty"] == pytest.approx(math.hypot(best["uncertainty"], ref["uncertainty"]))
+        lo, hi = entry["difference_interval"]
+        assert lo < entry["difference"] < hi
     capsys.readouterr()
     # --nfe 5 takes the largest budget <= 5, i.e. 3, and samples with exactly that configuration.
     run = digits_study / "runs" / "main"

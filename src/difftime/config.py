@@ -72,6 +72,11 @@ DEFAULTS: dict[str, Any] = {
         "tol": 1e-4,
         "divergence": "auto",
         "metrics": ["auto"],         # auto: fd, kid, pr for images; mmd, swd for vectors
+        # Samples are scored against this split ("auto": the larger one); real examples of the other
+        # split, scored the same way, are the data floor.
+        "reference_split": "auto",
+        "bootstrap": 200,            # bootstrap replicates per quality score (paired across cells); 0: none
+        "elbo_design": "auto",       # across-T ELBO draws: auto (nested for one network, else inverse_cdf)
         "fid": False,
         "prior_steps": 1000,
         "prior_batch_size": 256,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from difftime.errors import DifftimeError
-from difftime.likelihood import bits_per_dim, elbo, full_precision, ode_flow
+from difftime.likelihood import bits_per_dim, elbo_across_T, full_precision, ode_flow, prior_draws_across_T
 from difftime.priors import StandardPrior, load_prior, prior_dir
 from difftime.rng import stream_seed
+from difftime.stats import Difference, paired_difference
 from difftime.run import Run
 from difftime.sampling import sample
 
@@ -96,6 +98,43 @@ def likelihood_metrics(
     raw: Tensor,
     T: float,
     metrics: tuple[str, ...] = LIKELIHOOD_METRICS,
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
+    """ELBO terms and PF-ODE NLL of ``raw`` examples (data space) in bits/dim, per prior, at one T:
+    ``likelihood_across_T`` on a one-point grid (see there for the options and the pairing)."""
+    T, _ = run.sde.check_horizon(T, options.get("eps"))
+    return likelihood_across_T({T: run}, {T: priors}, raw, metrics, **options).summaries[T]
+
+
+@dataclass
+class LikelihoodAcrossT:
+    """Likelihood figures on a grid of T x prior, all on the same examples and draws.
+
+    ``summaries[T][prior]`` holds the per-cell figures (``_likelihood_summary``);
+    ``per_example[metric]`` is a (len(Ts), len(priors), n) float64 array of bits/dim per example
+    ("elbo", "nll"), so any two cells give a paired difference (``difference``).
+    """
+
+    Ts: tuple[float, ...]
+    priors: tuple[str, ...]
+    summaries: dict[float, dict[str, dict[str, Any]]]
+    per_example: dict[str, np.ndarray]
+    elbo_design: str
+    one_solve: bool
+
+    def difference(self, metric: str, a: tuple[float, str], b: tuple[float, str], level: float = 0.95) -> Difference:
+        """Paired bits/dim of cell a = (T, prior) minus cell b, with se and interval."""
+        values = self.per_example[metric]
+        pick = [values[self.Ts.index(T), self.priors.index(p)] for T, p in (a, b)]
+        return paired_difference(pick[0], pick[1], level)
+
+
+@full_precision
+def likelihood_across_T(
+    runs: Mapping[float, Run],
+    priors: Mapping[float, Mapping[str, Any]],
+    raw: Tensor,
+    metrics: tuple[str, ...] = LIKELIHOOD_METRICS,
     *,
     eps: float | None = None,
     dequant_repeats: int = 1,
@@ -106,64 +145,122 @@ def likelihood_metrics(
     divergence: str = "auto",
     batch: int = 64,
     seed: int = 0,
+    elbo_design: str = "auto",
     progress: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """ELBO terms and PF-ODE NLL of ``raw`` examples (data space) in bits/dim, per prior.
+) -> LikelihoodAcrossT:
+    """ELBO terms and PF-ODE NLL of ``raw`` (data space) in bits/dim for every T of ``runs`` (T ->
+    the run that serves it) and every prior of ``priors[T]`` (the same names at every T).
 
-    Every prior sees the same dequantization, the same (t, z) and x_T draws and the same
-    PF-ODE solve (which does not involve the prior), so differences between priors carry no
-    Monte Carlo noise of their own, one solve serves them all, and a prior's figures do not
-    depend on which other priors are evaluated with it. The improvement of a prior nu over the
-    standard one, E log nu(x_T) - E log N(x_T) on shared draws, equals KL(p_T||N) - KL(p_T||nu):
-    a measured lower bound on KL(p_T||N).
+    Common random numbers everywhere: every cell sees the same dequantization, the same ELBO draws
+    (x_T noise, stratified t-uniforms and z, ``elbo_across_T``) and the same Hutchinson probes, so
+    a difference between any two cells is estimated per example with a paired standard error.
+    Priors at one T share the network calls: the score term and the PF-ODE solve do not involve
+    the prior. When one run serves every T (study mode ``truncate``), one PF-ODE solve from eps to
+    max T records x_T and the log-det integral at each T. ``elbo_design`` "auto" is "nested" for
+    one run, with len(Ts) n_t draws of t per example (the same network calls as n_t per T, and a
+    smaller paired se of adjacent-T differences, measured in ``elbo_across_T``), and
+    "inverse_cdf" for a run per T (its draws at T do not depend on the rest of the grid).
+
+    The improvement of a prior nu over the standard one, E log nu(x_T) - E log N(x_T) on shared
+    draws, equals KL(p_T||N) - KL(p_T||nu): a measured lower bound on KL(p_T||N).
     """
     unknown = set(metrics) - set(LIKELIHOOD_METRICS)
     if unknown:
         raise DifftimeError(f"unknown likelihood metrics {sorted(unknown)}; expected {LIKELIHOOD_METRICS}")
-    if not priors:
-        raise DifftimeError("likelihood_metrics needs at least one prior")
-    T, eps = run.sde.check_horizon(T, eps)
-    scaler = run.scaler
-    d = math.prod(run.shape)
+    Ts = tuple(sorted(runs))
+    names = tuple(next(iter(priors.values()))) if priors else ()
+    if not names or set(priors) != set(Ts) or any(tuple(priors[T]) != names for T in Ts):
+        raise DifftimeError("likelihood_across_T needs the same non-empty set of priors at every T of the runs")
+    run0 = runs[Ts[0]]
+    one_run = all(runs[T] is run0 for T in Ts)
+    design = ("nested" if one_run and len(Ts) > 1 else "inverse_cdf") if elbo_design == "auto" else elbo_design
+    if design == "nested" and not one_run:
+        raise DifftimeError("the nested ELBO design needs one network for every T; use inverse_cdf")
+    sde, scaler = run0.sde, run0.scaler
+    checked = [sde.check_horizon(T, eps) for T in Ts]
+    eps = checked[0][1]
+    d = math.prod(run0.shape)
     levels, a = scaler.levels, scaler.a
     repeats = dequant_repeats if levels is not None else 1
     dequant_gen, elbo_gen, ode_gen = (torch.Generator().manual_seed(stream_seed(seed, k)) for k in range(3))
-    standard = StandardPrior.for_sde(run.sde, T, run.shape)
+    standard = {T: StandardPrior.for_sde(sde, T, run0.shape) for T in Ts}
     n = len(raw)
     keys = ("elbo", "prior", "score", "constant", "nll", "improvement")
-    per_metric: dict[str, dict[str, list[Tensor]]] = {name: {k: [] for k in keys} for name in priors}
+    per = {(T, p): {k: [] for k in keys} for T in Ts for p in names}
     nfes: list[float] = []
     chunks = [(r, s) for r in range(repeats) for s in range(0, n, batch)]
-    bar = tqdm(chunks, desc=f"evaluate T={T:g} {', '.join(priors)}", disable=not progress, unit="batch")
+    label = f"T={Ts[0]:g}" if len(Ts) == 1 else f"T={Ts[0]:g}..{Ts[-1]:g}"
+    bar = tqdm(chunks, desc=f"likelihood {label} {', '.join(names)}", disable=not progress, unit="batch")
     for _, start in bar:
         x = scaler.encode(raw[start:start + batch], generator=dequant_gen)
         if "elbo" in metrics:
-            draws = elbo_gen.get_state()
-            baseline = None
-            for name, prior in {**priors, "standard": priors.get("standard", standard)}.items():
-                elbo_gen.set_state(draws)  # the same (t, z) and x_T draws for every prior
-                with torch.no_grad():
-                    terms = elbo(run.model, run.sde, x, T, prior, eps=eps, n_t=n_t, n_prior=n_prior,
-                                 generator=elbo_gen)
-                if name == "standard":
-                    baseline = terms
-                if name in priors:
-                    for key, value in (("elbo", terms.total), ("prior", terms.prior), ("score", terms.score),
-                                       ("constant", terms.constant)):
-                        per_metric[name][key].append(value)
-            for name in priors:
-                if name != "standard":
-                    per_metric[name]["improvement"].append(per_metric[name]["prior"][-1] - baseline.prior)
+            _elbo_batch(runs, Ts, priors, standard, x, per, elbo_gen, one_run, design, n_t=n_t, n_prior=n_prior,
+                        eps=eps)
         if "nll" in metrics:
-            x_T, integral, nfe = ode_flow(run.model, run.sde, x, T, eps, rtol=rtol, atol=atol, divergence=divergence,
-                                          generator=ode_gen)
-            nfes.append(float(nfe))
-            with torch.no_grad():
-                for name, prior in priors.items():
-                    per_metric[name]["nll"].append(prior.log_prob(x_T).double() + integral.double())
-    return {name: _likelihood_summary(per_metric[name], nfes, name, metrics, T, eps, n, repeats, d, levels, a,
-                                      n_t=n_t, n_prior=n_prior, rtol=rtol, atol=atol, divergence=divergence)
-            for name in priors}
+            solves = [(Ts, run0)] if one_run else [((T,), runs[T]) for T in Ts]
+            probes = ode_gen.get_state()
+            for grid, run in solves:
+                ode_gen.set_state(probes)  # the same Hutchinson probes for every solve
+                x_T, integral, nfe = ode_flow(run.model, sde, x, list(grid) if len(grid) > 1 else grid[0], eps,
+                                              rtol=rtol, atol=atol, divergence=divergence, generator=ode_gen)
+                if len(grid) == 1:
+                    x_T, integral = x_T[None], integral[None]
+                nfes.append(float(nfe))
+                with torch.no_grad():
+                    for k, T in enumerate(grid):
+                        for p in names:
+                            per[T, p]["nll"].append(priors[T][p].log_prob(x_T[k]).double() + integral[k].double())
+    nfe_mean = sum(nfes) / len(nfes) if nfes else math.nan
+    summaries = {T: {p: _likelihood_summary(per[T, p], [nfe_mean], p, metrics, T, eps, n, repeats, d, levels, a,
+                                            n_t=n_t, n_prior=n_prior, rtol=rtol, atol=atol, divergence=divergence,
+                                            design=design, one_solve=one_run and len(Ts) > 1)
+                     for p in names} for T in Ts}
+    per_example = {m: np.stack([np.stack([_per_example_bits(per[T, p], m, repeats, n, d, levels, a) for p in names])
+                                for T in Ts]) for m in metrics}
+    return LikelihoodAcrossT(Ts=Ts, priors=names, summaries=summaries, per_example=per_example, elbo_design=design,
+                             one_solve=one_run and len(Ts) > 1)
+
+
+def _elbo_batch(runs: Mapping[float, Run], Ts: tuple[float, ...], priors: Mapping[float, Mapping[str, Any]],
+                standard: Mapping[float, Any], x: Tensor, per: dict, generator: torch.Generator, one_run: bool,
+                design: str, *, n_t: int, n_prior: int, eps: float) -> None:
+    """The ELBO terms of one batch for every T and prior, appended to ``per`` (nats per example)."""
+    sde = runs[Ts[0]].sde
+    names = tuple(priors[Ts[0]])
+    start = generator.get_state()
+    if one_run:
+        groups = [(Ts, runs[Ts[0]])]
+        draws_t = n_t * len(Ts) if design == "nested" else n_t
+    else:
+        groups = [((T,), runs[T]) for T in Ts]
+        draws_t = n_t
+    end = None
+    for grid, run in groups:
+        generator.set_state(start)  # every group (a network per T) starts from the same draws
+        with torch.no_grad():
+            base = elbo_across_T(run.model, sde, x, grid, {T: standard[T] for T in grid}, eps=eps, n_t=draws_t,
+                                 n_prior=n_prior, generator=generator, design=design)
+        end = generator.get_state()
+        for p in names:
+            generator.set_state(start)
+            terms = base if p == "standard" else base.with_prior(
+                prior_draws_across_T(sde, x, grid, {T: priors[T][p] for T in grid}, n_prior=n_prior,
+                                     generator=generator))
+            for k, T in enumerate(grid):
+                cell = per[T, p]
+                for key, value in (("elbo", terms.total[k]), ("prior", terms.prior[k]), ("score", terms.score[k]),
+                                   ("constant", terms.constant[k])):
+                    cell[key].append(value)
+                if p != "standard":
+                    cell["improvement"].append(terms.prior[k] - base.prior[k])
+    generator.set_state(end)
+
+
+def _per_example_bits(per: dict[str, list[Tensor]], metric: str, repeats: int, n: int, d: int, levels: int | None,
+                      a: float) -> np.ndarray:
+    """Bits/dim per example (dequantization repeats averaged) of ``metric`` "elbo" or "nll"."""
+    nats = torch.cat(per[metric]).detach().reshape(repeats, n).mean(0)
+    return np.asarray(bits_per_dim(nats, d, levels, a), dtype=np.float64)
 
 
 def _likelihood_summary(per_metric: dict[str, list[Tensor]], nfes: list[float], prior_name: str,
@@ -192,7 +289,7 @@ def _likelihood_summary(per_metric: dict[str, list[Tensor]], nfes: list[float], 
             "prior_nats": _summary(per_example("prior"))[0],
             "score_nats": _summary(per_example("score"))[0],
             "constant_nats": _summary(per_example("constant"))[0],
-            "n_t": settings["n_t"], "n_prior": settings["n_prior"],
+            "n_t": settings["n_t"], "n_prior": settings["n_prior"], "design": settings["design"],
         }
         if per_metric["improvement"]:
             mean, se = _summary(per_example("improvement"))
@@ -203,5 +300,5 @@ def _likelihood_summary(per_metric: dict[str, list[Tensor]], nfes: list[float], 
         bpd, bpd_se = _summary(to_bits(logp))
         result["nll"] = {"bpd": bpd, "bpd_se": bpd_se, "nats": -_summary(logp)[0],
                          "nfe_mean": sum(nfes) / len(nfes), "rtol": settings["rtol"], "atol": settings["atol"],
-                         "divergence": settings["divergence"]}
+                         "divergence": settings["divergence"], "one_solve": settings["one_solve"]}
     return result

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -196,6 +196,15 @@ class ElboAcrossT:
         values = getattr(self, term)
         return paired_difference(values[i], values[j], level)
 
+    def with_prior(self, prior_draws: Tensor) -> ElboAcrossT:
+        """The same estimate with another prior: ``prior_draws`` (len(Ts), B, n_prior) from
+        ``prior_draws_across_T`` on the generator state this estimate started from, so the new
+        prior sees the same x_T draws and the score term (the network calls) is reused."""
+        prior_term = prior_draws.mean(-1)
+        prior_se = _mc_se(prior_draws)
+        return replace(self, prior=prior_term, total=prior_term - self.score + self.constant, prior_se=prior_se,
+                       total_se=(prior_se**2 + self.score_se**2).sqrt())
+
 
 def _prior_at(priors, T: float):
     if isinstance(priors, Mapping):
@@ -207,6 +216,16 @@ def _prior_at(priors, T: float):
     if callable(priors):
         return priors(T)
     raise ValueError("priors must map T to a prior, be a callable T -> prior, or be one prior with log_prob")
+
+
+@full_precision
+def prior_draws_across_T(sde: SDE, x: Tensor, Ts: Sequence[float], priors, *, n_prior: int = 8, chunk: int = 4096,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """log nu_T(m(T) x + sigma(T) z) for ``n_prior`` noises z per example, the same z at every T:
+    (len(Ts), B, n_prior). These are the first draws ``elbo_across_T`` makes, so from the same
+    generator state they give its prior term for any other ``priors`` (``ElboAcrossT.with_prior``)."""
+    z = _normal_draws((len(x) * n_prior, *x.shape[1:]), generator, x, chunk)
+    return torch.stack([_log_prior_draws(sde, _prior_at(priors, T), x, T, z, chunk) for T in Ts])
 
 
 @full_precision
@@ -253,11 +272,10 @@ def elbo_across_T(
     checked = [sde.check_horizon(T, eps) for T in Ts]
     eps = checked[0][1]
     grid = tuple(T for T, _ in checked)
-    priors_at = [_prior_at(priors, T) for T in Ts]
     B, d = len(x), x[0].numel()
 
-    # The common random numbers, one set per example.
-    z_prior = _normal_draws((B * n_prior, *x.shape[1:]), generator, x, chunk)
+    # The common random numbers, one set per example; the x_T noise comes first (prior_draws_across_T).
+    prior_draws = prior_draws_across_T(sde, x, grid, priors, n_prior=n_prior, chunk=chunk, generator=generator)
     strata = torch.arange(n_t, dtype=torch.float64, device=x.device).repeat(B)
     u = (strata + torch.rand(B * n_t, generator=generator, dtype=torch.float64, device=x.device)) / n_t
     z = _normal_draws((B * n_t, *x.shape[1:]), generator, x, chunk)
@@ -271,8 +289,6 @@ def elbo_across_T(
         t = sde.importance_sample_t(u, T_max, eps)
         excess = 0.5 * sde.importance_Z(T_max, eps) * _score_excess(model, sde, x, t.to(x.dtype), chunk, z)
         score_draws = [excess * (t <= T).reshape(B, n_t) for T in grid]
-    prior_draws = torch.stack([_log_prior_draws(sde, prior, x, T, z_prior, chunk)
-                               for T, prior in zip(grid, priors_at, strict=True)])
     score_draws = torch.stack(score_draws)
 
     prior_term = prior_draws.mean(-1)

@@ -89,3 +89,19 @@ def adjacent_differences(values: Tensor, level: float = 0.95) -> list[Difference
     if values.dim() != 2:
         raise ValueError(f"values must be (K, B) per-example values, got shape {tuple(values.shape)}")
     return [paired_difference(values[k + 1], values[k], level) for k in range(len(values) - 1)]
+
+
+def replicate_difference(value_a: float, value_b: float, reps_a: ArrayLike, reps_b: ArrayLike,
+                         level: float = 0.95) -> Difference:
+    """value_a - value_b for two scores with bootstrap replicates drawn with the same resampling
+    counts (``difftime.metrics.features.bootstrap_counts``); se = sd(reps_a - reps_b).
+
+    When the two sample sets share their rows' x_T seeds the replicates are paired and whatever
+    the two sets share cancels; for unrelated sets the same counts still resample each set
+    uniformly, and the se approaches sqrt(se_a^2 + se_b^2). ``n`` is the number of replicates.
+    """
+    a, b = _values(reps_a, "reps_a"), _values(reps_b, "reps_b")
+    if a.shape != b.shape:
+        raise ValueError(f"replicates must come from the same resampling counts: got {len(a)} and {len(b)}")
+    se = float((a - b).std(correction=1)) if len(a) > 1 else math.nan
+    return _interval(float(value_a) - float(value_b), se, len(a), level, paired=True)

@@ -36,9 +36,12 @@ from torch import Tensor
 from difftime.errors import DifftimeError
 from difftime.metrics.classifier import CLASSIFIER_DATASETS, ClassifierFeatures, load_classifier
 from difftime.metrics.features import (
+    bootstrap_counts,
+    frechet_bootstrap,
     frechet_distance,
     frechet_distance_features,
     kernel_inception_distance,
+    kid_bootstrap,
     precision_recall,
     reference_features,
 )
@@ -103,6 +106,11 @@ def _samples_array(samples: Any, spec: str, shape: tuple[int, ...], levels: int 
     return t.to(torch.uint8 if levels <= 256 else torch.int64)
 
 
+def _replicates(reps: np.ndarray, seed: int) -> dict[str, Any]:
+    return {"se": float(np.std(reps, ddof=1)), "bootstrap": len(reps), "bootstrap_seed": seed,
+            "replicates": [float(v) for v in reps]}
+
+
 def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
@@ -134,6 +142,7 @@ def quality_metrics(
     features: str = "auto",
     inception_path: str | None = None,
     use_cache: bool = True,
+    bootstrap: int = 0,
 ) -> dict[str, Any]:
     """Compare data-space ``samples`` with the ``reference_split`` of ``dataset_spec``.
 
@@ -143,6 +152,12 @@ def quality_metrics(
     feature-based metrics. ``seed`` drives KID subsets, SWD directions and the MMD bandwidth
     subsample. ``features`` ("auto", "classifier" or "inception") picks the feature space of
     kid and pr; "auto" is the classifier where one is trained, Inception otherwise.
+
+    ``bootstrap`` > 0 adds, to fd/fid and kid, that many bootstrap ``replicates`` (the samples
+    resampled with ``bootstrap_counts(n, bootstrap, seed)``, the reference fixed) and their sd as
+    ``se``; kid's value is then the full U-statistic over all pairs. The counts depend only on
+    (n, bootstrap, seed), so two sample sets whose rows share x_T seeds get paired replicates, and
+    ``difftime.stats.replicate_difference`` turns two entries into a paired interval.
     """
     from difftime.data import load_data
 
@@ -224,6 +239,7 @@ def quality_metrics(
         space = "inception" if m == "fid" or (m in ("kid", "pr") and use_inception_for_kp) else "classifier"
         groups.setdefault(space, []).append(m)
 
+    counts = bootstrap_counts(n, bootstrap, seed) if bootstrap else None
     ref_sha = hashlib.sha256(ref.contiguous().numpy().tobytes()).hexdigest()
     for space, names in groups.items():
         if space == "inception":
@@ -243,10 +259,16 @@ def quality_metrics(
         for m in names:
             if m in ("fid", "fd"):
                 out[m] = {"value": frechet_distance_features(fx, ref_feats, stats2=(mu_r, sigma_r)), **rec}
+                if counts is not None:
+                    out[m].update(_replicates(frechet_bootstrap(fx, counts, mu_r, sigma_r), seed))
+            elif m == "kid" and counts is not None:
+                value, reps = kid_bootstrap(fx, ref_feats, counts)
+                out["kid"] = {"value": value, "estimator": "full U-statistic", **_replicates(reps, seed), **rec}
             elif m == "kid":
                 mean, std = kernel_inception_distance(fx, ref_feats, seed=seed)
                 m_sub = min(1000, n, n_ref)
-                out["kid"] = {"value": mean, "std": std, "n_subsets": 100, "subset_size": m_sub, **rec}
+                out["kid"] = {"value": mean, "std": std, "estimator": "subset mean", "n_subsets": 100,
+                              "subset_size": m_sub, **rec}
             else:
                 p, r = precision_recall(ref_feats, fx, k=PR_K)
                 out["pr"] = {"precision": p, "recall": r, "k": PR_K, **rec}

@@ -43,6 +43,9 @@ __all__ = [
     "frechet_distance_features",
     "trace_sqrt_product",
     "kernel_inception_distance",
+    "kid_bootstrap",
+    "frechet_bootstrap",
+    "bootstrap_counts",
     "precision_recall",
     "reference_features",
 ]
@@ -187,6 +190,78 @@ def kernel_inception_distance(
     for i in range(n_subsets):
         vals[i] = _poly_mmd2(a[rng.choice(a.shape[0], m, replace=False)], b[rng.choice(b.shape[0], m, replace=False)])
     return float(vals.mean()), float(vals.std(ddof=1)) if n_subsets > 1 else float("nan")
+
+
+def bootstrap_counts(n: int, replicates: int, seed: int = 0) -> np.ndarray:
+    """(replicates, n) multinomial resampling counts of n rows, a function of (n, replicates, seed)
+    only. Every sample set of size n scored with the same seed is resampled with the same counts,
+    so for two sets whose rows are paired (row i of both started from the same x_T noise) the
+    replicate differences are a paired bootstrap of the difference of their scores."""
+    if n < 2 or replicates < 2:
+        raise DifftimeError(f"bootstrap needs n >= 2 rows and >= 2 replicates, got n={n}, replicates={replicates}")
+    rng = np.random.default_rng([seed, n, replicates])
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
+
+
+_KYY_CACHE: dict[str, float] = {}
+
+
+def _kyy_offdiag_mean(y: torch.Tensor, block: int = 1024) -> float:
+    """mean_{j != j'} k(y_j, y_j') for the cubic kernel, in blocks (the reference's own term, the
+    same for every sample set scored against it, so it is computed once per process)."""
+    key = hashlib.sha256(y.numpy().tobytes()).hexdigest()
+    if key not in _KYY_CACHE:
+        m, d = y.shape
+        total = 0.0
+        for s in range(0, m, block):
+            k = (y[s:s + block] @ y.T / d + 1.0) ** 3
+            total += float(k.sum()) - float(torch.diagonal(k, offset=s).sum())
+        _KYY_CACHE[key] = total / (m * (m - 1))
+    return _KYY_CACHE[key]
+
+
+def kid_bootstrap(f1: Any, f2: Any, counts: np.ndarray, block: int = 1024) -> tuple[float, np.ndarray]:
+    """KID as the full unbiased U-statistic over every pair (the same expectation as the subset
+    mean of ``kernel_inception_distance`` with less variance), and its bootstrap replicates.
+
+    Replicate b resamples the rows of ``f1`` with ``counts[b]`` (w) and keeps the reference ``f2``
+    fixed: xx_b = (w^T Kxx w - w . diag Kxx) / (n (n - 1)) (the U-statistic over distinct draw
+    positions), xy_b = w . mean_j Kxy / n, KID_b = xx_b + yy - 2 xy_b. Their spread is the sampling
+    noise of the score given this reference, which is what a comparison of cells against one
+    reference needs.
+    """
+    a = torch.from_numpy(_as_features(f1, "features 1", min_n=2))
+    b = torch.from_numpy(_as_features(f2, "features 2", min_n=2))
+    if a.shape[1] != b.shape[1]:
+        raise DifftimeError(f"KID: feature dims differ ({a.shape[1]} vs {b.shape[1]}); expected the same extractor")
+    w = torch.from_numpy(np.asarray(counts, np.float64))
+    n, d = a.shape
+    if w.dim() != 2 or w.shape[1] != n:
+        raise DifftimeError(f"bootstrap counts have shape {tuple(w.shape)}; expected (replicates, {n})")
+    kxx = (a @ a.T / d + 1.0) ** 3
+    diag = kxx.diagonal()
+    kxy_mean = torch.cat([((a[s:s + block] @ b.T / d + 1.0) ** 3).mean(1) for s in range(0, n, block)])
+    yy = _kyy_offdiag_mean(b, block)
+    value = (float(kxx.sum()) - float(diag.sum())) / (n * (n - 1)) + yy - 2.0 * float(kxy_mean.mean())
+    xx_b = (((w @ kxx) * w).sum(1) - w @ diag) / (n * (n - 1))
+    reps = xx_b + yy - 2.0 * (w @ kxy_mean) / n
+    return value, reps.numpy()
+
+
+def frechet_bootstrap(f1: Any, counts: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """Bootstrap replicates of the FD of ``f1`` against fixed reference statistics: replicate b
+    fits the weighted mean and covariance of the rows of ``f1`` resampled with ``counts[b]``."""
+    a = _as_features(f1, "features 1", min_n=2)
+    mu2, sigma2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
+    tr2, l2 = float(np.trace(sigma2)), _factor(sigma2)
+    n = a.shape[0]
+    out = np.empty(len(counts))
+    for i, w in enumerate(np.asarray(counts, np.float64)):
+        mu = w @ a / n
+        c = a - mu
+        sigma = (c.T * w) @ c / (n - 1)
+        out[i] = _fd(mu, float(np.trace(sigma)), _factor(sigma), mu2, tr2, l2)
+    return out
 
 
 def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from difftime.config import build_config, merge, sde_config, validate
 from difftime.data import load_data
 from difftime.errors import DifftimeError
-from difftime.evaluation import draw_samples, likelihood_metrics, resolve_prior
+from difftime.evaluation import draw_samples, likelihood_across_T, resolve_prior
+from difftime.likelihood import ELBO_DESIGNS
 from difftime.io import atomic_write_bytes, exclusive_lock, read_json_file, save_json
 from difftime.metrics import IMAGE_METRICS, METRICS, VECTOR_METRICS, quality_metrics
 from difftime.plots import save_samples_figure
@@ -46,6 +47,7 @@ from difftime.provenance import versions
 from difftime.run import LOCK_FILE, load_run, read_run_config
 from difftime.sampling import DEFAULT_SAMPLE_EPS, SAMPLERS, SPACINGS, steps_for_horizon
 from difftime.sde import sde_from_config
+from difftime.study.analysis import paired_likelihood
 from difftime.study.report import write_report
 from difftime.training import train_run
 
@@ -158,6 +160,13 @@ def study_settings(config: dict[str, Any]) -> dict[str, Any]:
         raise DifftimeError("study.n_samples must be >= 4 and study.n_likelihood >= 2 for standard errors")
     if not (s["tol"] > 0 and s["prior_lr"] > 0):
         raise DifftimeError("study.tol and study.prior_lr must be > 0")
+    if s["reference_split"] not in ("auto", "train", "test"):
+        raise DifftimeError(f"study.reference_split must be auto, train or test, got {s['reference_split']!r}")
+    if s["bootstrap"] == 1 or s["bootstrap"] < 0:
+        raise DifftimeError(f"study.bootstrap must be 0 (no intervals) or >= 2 replicates, got {s['bootstrap']}")
+    if s["elbo_design"] not in ("auto", *ELBO_DESIGNS):
+        raise DifftimeError(f"study.elbo_design must be auto or one of {', '.join(ELBO_DESIGNS)}, "
+                            f"got {s['elbo_design']!r}")
     if s["divergence"] not in ("auto", "exact", "hutchinson"):
         raise DifftimeError(f"study.divergence must be auto, exact or hutchinson, got {s['divergence']!r}")
     bad = [m for m in s["metrics"] if m != "auto" and m not in METRICS]
@@ -254,20 +263,39 @@ class Study:
         save_json(record_path, record)
         return record
 
-    def _data_floor(self, dataset, subsets: int = 3) -> dict[str, Any]:
-        """Real training examples scored like samples, as many per subset as each cell samples: the
-        best a perfect model can score at this sample size, and, over disjoint subsets, how much a
-        score moves from one draw to the next."""
+    def _splits(self, dataset) -> tuple[str, str]:
+        """(reference split, held-out split): samples are scored against the reference, and real
+        examples from the other split, scored the same way, are the floor. "auto" references the
+        larger split, so the reference is the better estimate of the data distribution."""
+        ref = self.settings["reference_split"]
+        if ref == "auto":
+            ref = "train" if len(dataset.train) >= len(dataset.test) else "test"
+        return ref, "test" if ref == "train" else "train"
+
+    def _quality(self, samples: np.ndarray, dataset) -> dict[str, Any]:
+        s = self.settings
+        return quality_metrics(samples, dataset.name, quality_metric_names(s, dataset.is_image),
+                               reference_split=self._splits(dataset)[0], seed=self.config["seed"], progress=False,
+                               bootstrap=s["bootstrap"])
+
+    def _data_floor(self, dataset) -> dict[str, Any]:
+        """Held-out real examples scored exactly as a cell's samples are (the same n, reference,
+        features and bootstrap counts): what a perfect model scores at this sample size. A cell that
+        scores better than this is suspect (low diversity or metric bias), not excellent."""
         path = self.out / "data_floor.json"
         if path.is_file():
-            return read_json_file(path, "data floor")
-        n = min(self.settings["n_samples"], len(dataset.train))
-        order = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(self.config["seed"]))
-        names = quality_metric_names(self.settings, dataset.is_image)
-        scores = [quality_metrics(dataset.train[order[k * n:(k + 1) * n]].numpy(), dataset.name, names,
-                                  reference_split="test", seed=self.config["seed"], progress=False)
-                  for k in range(max(1, min(subsets, len(dataset.train) // n)))]
-        floor = {"n_samples": n, "subsets": scores}
+            floor = read_json_file(path, "data floor")
+            if "quality" in floor:
+                return floor
+        ref, held_out = self._splits(dataset)
+        pool = dataset.test if held_out == "test" else dataset.train
+        n = self.settings["n_samples"]
+        if len(pool) < n:
+            raise DifftimeError(f"study.n_samples={n} exceeds the {len(pool)} held-out {held_out} examples the data "
+                                f"floor is scored on; lower --n-samples or set study.reference_split")
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.config["seed"]))
+        floor = {"n_samples": n, "split": held_out, "reference_split": ref,
+                 "quality": self._quality(pool[order[:n]].numpy(), dataset)}
         save_json(path, floor)
         return floor
 
@@ -282,28 +310,33 @@ class Study:
                                    progress=self.progress)
         return prior, {"fitted_now": True, "fit": fit}
 
-    def _horizon(self, T: float, families: list[str], run, dataset, sweep: list[int]) -> list[dict[str, Any]]:
-        """The cells of ``families`` at T. One likelihood pass serves them all: the priors share
-        the dequantization, the (t, z) and x_T draws and the PF-ODE solve."""
+    def _likelihood(self, runs: dict[float, Any], priors: dict[float, dict[str, Any]], dataset) -> dict[str, Any]:
+        """The likelihood stage: every T x prior on the same examples and draws (one PF-ODE solve
+        for the whole grid in truncate mode), the per-example bits/dim in ``likelihood.npz`` and
+        the figures with their paired differences in ``likelihood.json``. Reused on a rerun
+        when the grid is the same."""
         s = self.settings
-        priors, info, fit_s = {}, {}, {}
-        for family in families:
-            start = time.perf_counter()
-            priors[family], info[family] = self._prior(run, family, T, dataset)
-            fit_s[family] = time.perf_counter() - start
+        path, arrays = self.out / "likelihood.json", self.out / "likelihood.npz"
+        grid = {"T_grid": s["T_grid"], "priors": s["priors"]}
+        if path.is_file() and arrays.is_file():
+            saved = read_json_file(path, "likelihood record")
+            if saved.get("grid") == grid:
+                return saved
         start = time.perf_counter()
-        T, eps = run.sde.check_horizon(T)
-        likelihood = likelihood_metrics(
-            run, priors, dataset.test[: s["n_likelihood"]], T, ("elbo", "nll"), eps=eps,
+        result = likelihood_across_T(
+            runs, priors, dataset.test[: s["n_likelihood"]], ("elbo", "nll"), eps=runs[s["T_grid"][0]].sde.eps,
             dequant_repeats=s["dequant_repeats"], n_t=s["n_t"], n_prior=s["n_prior"], rtol=s["tol"], atol=s["tol"],
-            divergence=s["divergence"], seed=self.config["seed"], progress=self.progress)
-        shared_s = time.perf_counter() - start
-        cells = []
-        for family in families:
-            wall = {"prior_fit_s": fit_s[family], "likelihood_s": shared_s / len(families)}
-            cells.append(self._cell(T, eps, family, priors[family], info[family], likelihood[family], wall, run,
-                                    dataset, sweep if family == "standard" else []))
-        return cells
+            divergence=s["divergence"], seed=self.config["seed"], elbo_design=s["elbo_design"],
+            progress=self.progress)
+        buf = io.BytesIO()
+        np.savez(buf, Ts=np.array(result.Ts), priors=np.array(result.priors), **result.per_example)
+        atomic_write_bytes(arrays, buf.getvalue())
+        record = {"grid": grid, "elbo_design": result.elbo_design, "one_solve": result.one_solve,
+                  "wall_s": time.perf_counter() - start,
+                  "cells": {f"{T:g}": result.summaries[T] for T in result.Ts},
+                  "paired": paired_likelihood(result, max(s["T_grid"]))}
+        save_json(path, record)
+        return record
 
     def _cell(self, T: float, eps: float, family: str, prior, prior_info: dict[str, Any],
               likelihood: dict[str, Any], wall: dict[str, float], run, dataset, sweep: list[int]) -> dict[str, Any]:
@@ -315,7 +348,6 @@ class Study:
         plan = [(sampler, budget, steps, None) for sampler in s["samplers"] for budget, steps in budgets]
         plan += [(sampler, "frontier", steps, nfe) for sampler in s["frontier_samplers"]
                  for nfe, steps in s["frontier_steps"][sampler]]
-        metric_names = quality_metric_names(s, dataset.is_image)
         sample_eps = s["sample_eps"]
         options = {} if s["spacing"] == "auto" else {"spacing": s["spacing"]}
         sampling: list[dict[str, Any]] = []
@@ -330,8 +362,7 @@ class Study:
             if target_nfe is not None and nfe != target_nfe:
                 raise DifftimeError(f"{sampler} with {steps} steps spent {nfe} NFE, not the budget {target_nfe}")
             start = time.perf_counter()
-            quality = quality_metrics(samples, dataset.name, metric_names, reference_split="test", seed=seed,
-                                      progress=False)
+            quality = self._quality(samples, dataset)
             sampling.append({"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe,
                              "spacing": options.get("spacing", default_spacing(sampler)), "eps": sample_eps,
                              "denoise": True, "n": s["n_samples"], "sample_wall_s": sample_wall,
@@ -384,31 +415,44 @@ class Study:
         T_ref = max(s["T_grid"])
         sweep = sorted({steps_for_horizon(T, s["steps_per_unit_time"]) for T in s["T_grid"] if T < T_ref})
         cells = [(T, family) for T in s["T_grid"] for family in s["priors"]]
+        loaded = {path: load_run(path) for path in dict.fromkeys(run_dirs.values())}
+        for path, run in loaded.items():
+            if run.config["resolved"]["data"] != dataset.name:
+                raise DifftimeError(f"{path} was trained on {run.config['resolved']['data']!r}, "
+                                    f"but the study's data is {dataset.name!r}")
+        runs = {T: loaded[run_dirs[T]] for T in s["T_grid"]}
+        # Every prior first: the likelihood stage pairs all cells, so it needs them all.
+        priors: dict[float, dict[str, Any]] = {}
+        prior_info: dict[tuple[float, str], dict[str, Any]] = {}
+        for T in s["T_grid"]:
+            priors[T] = {}
+            for family in s["priors"]:
+                start = time.perf_counter()
+                priors[T][family], info = self._prior(runs[T], family, T, dataset)
+                prior_info[T, family] = {**info, "wall_s": time.perf_counter() - start}
+        likelihood = self._likelihood(runs, priors, dataset)
         by_cell: dict[tuple[float, str], dict[str, Any]] = {}
         bar = tqdm(total=len(cells), desc="study", unit="cell", disable=not self.progress, position=0)
         with bar:
-            for T in s["T_grid"]:
-                missing = []
-                for family in s["priors"]:
-                    path = self.out / "cells" / f"{cell_name(T, family)}.json"
-                    if path.is_file():
-                        by_cell[T, family] = read_json_file(path, "study cell")
-                        bar.update(1)
-                    else:
-                        missing.append(family)
-                if not missing:
-                    continue
-                bar.set_postfix_str(f"T={T:g}")
-                run = load_run(run_dirs[T])
-                if run.config["resolved"]["data"] != dataset.name:
-                    raise DifftimeError(f"{run_dirs[T]} was trained on {run.config['resolved']['data']!r}, "
-                                        f"but the study's data is {dataset.name!r}")
-                for cell in self._horizon(T, missing, run, dataset, sweep if T == T_ref else []):
-                    by_cell[T, cell["prior"]] = cell
-                    bar.update(1)
+            for T, family in cells:
+                path = self.out / "cells" / f"{cell_name(T, family)}.json"
+                if path.is_file():
+                    by_cell[T, family] = read_json_file(path, "study cell")
+                else:
+                    bar.set_postfix_str(f"T={T:g} {family}")
+                    run = runs[T]
+                    T_c, eps = run.sde.check_horizon(T)
+                    info = prior_info[T, family]
+                    wall = {"prior_fit_s": info.pop("wall_s"), "likelihood_s": likelihood["wall_s"] / len(cells)}
+                    by_cell[T, family] = self._cell(T_c, eps, family, priors[T][family], info,
+                                                    likelihood["cells"][f"{T:g}"][family], wall, run, dataset,
+                                                    sweep if T == T_ref and family == "standard" else [])
+                bar.update(1)
         results = [by_cell[key] for key in cells]
         summary = {"config": self.config, "settings": s, "run": self.pretrained, "training": training,
-                   "data_floor": floor, "versions": versions(), "cells": results, "T_ref": T_ref, "n_cells": len(cells),
+                   "data_floor": floor, "likelihood_paired": likelihood["paired"],
+                   "elbo_design": likelihood["elbo_design"], "versions": versions(), "cells": results, "T_ref": T_ref,
+                   "n_cells": len(cells),
                    "wall_s_this_invocation": time.perf_counter() - start_all}
         write_report(summary, self.out)
         return summary

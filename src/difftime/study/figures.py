@@ -14,7 +14,7 @@ from difftime.study.analysis import data_floor, proportional
 
 
 def write_plots(summary: dict[str, Any], out: Path, metric: str | None, unit: str) -> list[tuple[str, str]]:
-    floor_mean, floor_sd = data_floor(summary.get("data_floor"))
+    floor = data_floor(summary.get("data_floor"))
     cells, s = summary["cells"], summary["settings"]
     priors = list(dict.fromkeys(c["prior"] for c in cells))
     colors = {p: colormaps["tab10"](i) for i, p in enumerate(priors)}
@@ -93,17 +93,20 @@ def write_plots(summary: dict[str, Any], out: Path, metric: str | None, unit: st
                               if r["sampler"] == sampler)
                 ax.plot([x for x, _ in line], [y for _, y in line], "k:", marker="x",
                         label=f"T={summary['T_ref']:g} standard, fewer steps")
-            if metric in floor_mean:
-                low, high = floor_mean[metric] - floor_sd.get(metric, 0), floor_mean[metric] + floor_sd.get(metric, 0)
-                ax.axhspan(max(low, 1e-9), high, color="gray", alpha=0.2, label="real data, mean +- sd")
+            if metric in floor:
+                value, se = floor[metric]["value"], floor[metric].get("se", 0.0)
+                ax.axhspan(value - 1.96 * se, value + 1.96 * se, color="gray", alpha=0.2,
+                           label="held-out real data, 95% interval")
             # Every prior spends the same NFE at a given T: name the horizons once, on the top axis.
             top = ax.twiny()
             top.set_xlim(ax.get_xlim())
             marks = sorted({(r["nfe"], c["T"]) for c in cells if (r := proportional(c, sampler))})
             top.set_xticks([x for x, _ in marks], [f"T={T:g}" for _, T in marks], fontsize=7)
-            ax.set_yscale("log")
+            values = [r["quality"][metric]["value"] for c in cells for r in c["sampling"] if metric in r["quality"]]
+            log = min(values, default=1.0) > 0  # KID is unbiased, so it can be negative near the floor
+            ax.set_yscale("log" if log else "symlog", **({} if log else {"linthresh": 1e-4}))
             ax.set_xlabel("NFE per sample")
-            ax.set_ylabel(f"{metric.upper()} (lower is better, log scale)")
+            ax.set_ylabel(f"{metric.upper()} (lower is better, {'log' if log else 'symlog'} scale)")
             ax.set_title(f"quality against cost, {sampler} (top: NFE proportional to T)", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -122,18 +125,18 @@ def write_plots(summary: dict[str, Any], out: Path, metric: str | None, unit: st
                 continue
             ys = [c["value"] for _, c in pts]
             errs = [c["uncertainty"] or 0.0 for _, c in pts]
-            ax.errorbar([b for b, _ in pts], ys, yerr=[[min(err, 0.9 * y) for err, y in zip(errs, ys, strict=True)],
-                                                       errs], fmt=style, capsize=3, label=label)
+            ax.errorbar([b for b, _ in pts], ys, yerr=[[1.96 * e for e in errs], [1.96 * e for e in errs]], fmt=style,
+                        capsize=3, label=f"{label} (95%)")
             if side == "best":
                 for b, c in pts:
                     ax.annotate(f"T={c['T']:g}\n{c['prior']}\n{c['sampler']}", (b, c["value"]),
                                 textcoords="offset points", xytext=(0, -28), ha="center", fontsize=6)
-        if metric in floor_mean:
-            low, high = floor_mean[metric] - floor_sd.get(metric, 0), floor_mean[metric] + floor_sd.get(metric, 0)
-            ax.axhspan(max(low, 1e-9), high, color="gray", alpha=0.2, label="real data, mean +- sd")
-        ax.set_yscale("log")
+        if metric in floor:
+            value, se = floor[metric]["value"], floor[metric].get("se", 0.0)
+            ax.axhspan(value - 1.96 * se, value + 1.96 * se, color="gray", alpha=0.2,
+                       label="held-out real data, 95% interval")
         ax.set_xlabel("NFE budget N (best configuration with NFE <= N)")
-        ax.set_ylabel(f"{metric.upper()} (lower is better, log scale)")
+        ax.set_ylabel(f"{metric.upper()} (lower is better)")
         ax.set_title("quality frontier: how much diffusion time is enough for N network calls", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -15,6 +15,7 @@ from typing import Any
 from difftime.io import atomic_write_bytes, save_json
 from difftime.study.analysis import (
     LOWER_IS_BETTER,
+    below_floor,
     best_T,
     claims,
     data_floor,
@@ -50,6 +51,12 @@ def _f(x: float, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _ci(d: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
+    if d is None:
+        return "-"
+    return f"{scale * d['mean']:+.{digits}f} [{scale * d['lo']:+.{digits}f}, {scale * d['hi']:+.{digits}f}]"
+
+
 def _pm(value: float, unc: float | None, digits: int = 3) -> str:
     return _f(value, digits) + (f" +- {_f(unc, digits)}" if unc is not None else "")
 
@@ -70,6 +77,15 @@ def frontier_record(summary: dict[str, Any], metric: str | None, floor_sd: float
             "frontier": frontier}
 
 
+def _without_replicates(obj: Any) -> Any:
+    """A copy without the bootstrap replicate lists (they stay in cells/*.json and data_floor.json)."""
+    if isinstance(obj, dict):
+        return {k: _without_replicates(v) for k, v in obj.items() if k != "replicates"}
+    if isinstance(obj, list):
+        return [_without_replicates(v) for v in obj]
+    return obj
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -85,23 +101,26 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     s, config = summary["settings"], summary["config"]
     metric = primary_metric(cells)
     samplers = s["samplers"]
-    floor_metrics, floor_sd = data_floor(summary.get("data_floor"))
-    floor = (floor_metrics[metric], floor_sd.get(metric)) if metric and metric in floor_metrics else None
+    floor = data_floor(summary.get("data_floor"))
+    paired = summary.get("likelihood_paired", {})
     # Continuous data has no bits/dim: its likelihoods are shown in nats per example (DESIGN §3).
     continuous = cells[0]["likelihood"]["levels"] is None
     unit, short = ("nats/example", "nats") if continuous else ("bits/dim", "bpd")
     scale = cells[0]["likelihood"]["dim"] * math.log(2) if continuous else 1.0
     shown = [_in_unit(c, scale) for c in cells]
-    analyses = {"primary_metric": metric, "best_T": best_T(cells, metric, samplers),
+    below = [{"T": c["T"], "prior": c["prior"], "sampler": r["sampler"], "nfe": r["nfe"], **flag}
+             for c in cells for r in c["sampling"] if metric and (flag := below_floor(r, floor, metric))]
+    analyses = {"primary_metric": metric, "best_T": best_T(cells, paired, metric, samplers),
                 "nfe_savings": nfe_savings(cells, metric, samplers, summary["T_ref"]) if metric else [],
-                "claims": [c.to_dict() for c in claims(shown, metric, samplers, summary["T_ref"], s["mode"], floor,
-                                                       unit)]}
-    frontier = frontier_record(summary, metric, floor[1] if floor else None)
+                "below_floor": below,
+                "claims": [c.to_dict() for c in claims(shown, paired, metric, samplers, summary["T_ref"], s["mode"],
+                                                       floor, unit, scale)]}
+    frontier = frontier_record(summary, metric, None)
     analyses["frontier"] = frontier
     summary["analyses"] = analyses
     rows = flat_rows(cells)
     save_json(out / "frontier.json", frontier)
-    save_json(out / "results.json", summary)
+    save_json(out / "results.json", _without_replicates(summary))
     atomic_write_bytes(out / "results.csv", _csv(rows))
     plots = write_plots({**summary, "cells": shown}, out, metric, unit)
     cells = shown
@@ -145,18 +164,57 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     md.append(_table(["T", "prior", f"ELBO {short}", "prior term", "score term", "constant", "dequant.",
                       f"PF-ODE {short}", "ODE NFE", "KL(p_T||N) >="], lrows))
     md.append("")
+    pm = paired.get("metrics", {})
+    if pm:
+        md.append(f"### Paired differences ({unit}, mean [95% interval])")
+        md.append("")
+        md.append(f"Every cell is estimated on the same examples and draws (dequantization, x_T noise, t and z, "
+                  f"Hutchinson probes; ELBO design `{summary.get('elbo_design', '-')}`"
+                  + (", one PF-ODE solve for the whole T grid" if first["nll"].get("one_solve") else "")
+                  + "), so differences have paired standard errors, far below the per-cell ones above.")
+        md.append("")
+        arows = []
+        for a_e in pm.get("elbo", {}).get("adjacent", []):
+            a_n = next((v for v in pm.get("nll", {}).get("adjacent", [])
+                        if (v["prior"], v["T_a"], v["T_b"]) == (a_e["prior"], a_e["T_a"], a_e["T_b"])), None)
+            arows.append([a_e["prior"], f"{a_e['T_b']:g} - {a_e['T_a']:g}", _ci(a_e, scale), _f(scale * a_e["se"], 4),
+                          _ci(a_n, scale) if a_n else "-", _f(scale * a_n["se"], 4) if a_n else "-"])
+        md.append(_table(["prior", "T difference", "ELBO", "se", "PF-ODE", "se"], arows))
+        md.append("")
+        rrows = []
+        for v in pm.get("elbo", {}).get("vs_reference", []):
+            n = next((w for w in pm.get("nll", {}).get("vs_reference", []) if (w["T"], w["prior"]) == (v["T"], v["prior"])),
+                     None)
+            rrows.append([f"{v['T']:g}", v["prior"], _ci(v, scale), _ci(n, scale) if n else "-"])
+        if rrows:
+            md.append(f"Each cell minus T={summary['T_ref']:g} with the standard prior:")
+            md.append("")
+            md.append(_table(["T", "prior", "ELBO", "PF-ODE"], rrows))
+            md.append("")
     if metric:
         md.append(f"## Sample quality ({metric.upper()} ranks; lower is better)")
         md.append("")
-        if floor_metrics:
-            n_sub = len(summary["data_floor"]["subsets"])
-            md.append(f"The floor: {summary['data_floor']['n_samples']} real training examples against the same "
-                      f"reference score " + ", ".join(
-                          f"{k.upper() if k in LOWER_IS_BETTER else k} {v:.3f}"
-                          + (f" +- {floor_sd[k]:.3f}" if k in floor_sd else "") for k, v in floor_metrics.items())
-                      + f" (mean +- sd over {n_sub} disjoint subsets). That is the best a perfect model can score at "
-                      "this sample size, and the sd is how far a score moves between two draws of the same "
-                      "distribution: differences smaller than about twice it are not resolved.")
+        if floor:
+            fl = summary["data_floor"]
+            md.append(f"{metric.upper()} decides: it is an unbiased estimate (the full U-statistic), so unlike FD its "
+                      "value at a finite sample size is not dominated by its own bias. Each score carries the sd of "
+                      f"{s.get('bootstrap', 0)} bootstrap resamples of its samples (the reference held fixed); the "
+                      "resamples are the same for every sample set, and cells that share a prior share their x_T "
+                      "seeds, so differences between cells are paired bootstrap intervals.")
+            md.append("")
+            md.append(f"The floor: {fl['n_samples']} held-out real examples (the {fl['split']} split) against the same "
+                      f"reference (the {fl['reference_split']} split), scored exactly as samples are: "
+                      + ", ".join(f"{k.upper()} {_pm(v['value'], v.get('se'), 4)}" for k, v in floor.items()
+                                  if k in LOWER_IS_BETTER)
+                      + (f", precision {floor['pr']['precision']:.3f}, recall {floor['pr']['recall']:.3f}"
+                         if "pr" in floor else "")
+                      + ". A sample set that scores better than this beyond its interval is flagged below: a sign of "
+                      "low diversity or metric bias, not of a better model.")
+            if analyses["below_floor"]:
+                md.append("")
+                md.append("Flagged (better than held-out real data): " + "; ".join(
+                    f"T={b['T']:g} {b['prior']} {b['sampler']} NFE {b['nfe']} ({b['difference']:+.4g} "
+                    f"[{b['lo']:+.4g}, {b['hi']:+.4g}], recall {_f(b['recall'])})" for b in analyses["below_floor"]))
         for sampler in dict.fromkeys([*samplers, *s.get("frontier_samplers", [])]):
             md.append("")
             md.append(f"### {sampler}")
@@ -168,7 +226,8 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
                         continue
                     q = quality_columns(r)
                     qrows.append([f"{c['T']:g}", c["prior"], r["budget"], str(r["steps"]), str(r["nfe"]),
-                                  *[_f(q.get(m, math.nan)) for m in LOWER_IS_BETTER if any(m in x for x in rows)],
+                                  *[_pm(q.get(m, math.nan), q.get(f"{m}_se"), 4) for m in LOWER_IS_BETTER
+                                    if any(m in x for x in rows)],
                                   *([_f(q["precision"]), _f(q["recall"])] if "precision" in q else []),
                                   f"{r['sample_wall_s']:.1f}"])
             names = [m.upper() for m in LOWER_IS_BETTER if any(m in x for x in rows)]
@@ -177,12 +236,20 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
         md.append("")
     md.append("## Best T per prior")
     md.append("")
+    md.append("The best T, and in braces every T whose paired 95% interval against it contains zero.")
+    md.append("")
     brows = []
-    for b in best_T(cells, metric, samplers):
-        quality = "; ".join(f"{k}: T={v['T']:g} ({metric.upper()} {v['value']:.3f}, NFE {v['nfe']})"
+
+    def tied(ts: list[float]) -> str:
+        return "{" + ", ".join(f"{T:g}" for T in ts) + "}"
+
+    for b in analyses["best_T"]:
+        quality = "; ".join(f"{k}: T={v['T']:g} ({metric.upper()} {v['value']:.4g}, NFE {v['nfe']}) {tied(v['tied'])}"
                             for k, v in b["quality"].items()) or "-"
-        brows.append([b["prior"], f"{b['elbo_T']:g} ({b['elbo_bpd']:.3f})", f"{b['pfode_T']:g} ({b['pfode_bpd']:.3f})",
-                      quality])
+        brows.append([b["prior"],
+                      f"{b['elbo_T']:g} ({scale * b['elbo_bpd']:.3f}) {tied(b['elbo_tied'])}" if "elbo_T" in b else "-",
+                      f"{b['pfode_T']:g} ({scale * b['pfode_bpd']:.3f}) {tied(b['pfode_tied'])}" if "pfode_T" in b
+                      else "-", quality])
     md.append(_table(["prior", f"by ELBO ({short})", f"by PF-ODE ({short})", "by quality, NFE proportional to T"],
                      brows))
     md.append("")
@@ -211,20 +278,22 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
         md.append("")
         md.append(f"For each NFE budget N: the best configuration by {metric.upper()} among every sample set with "
                   f"NFE <= N (any T < {summary['T_ref']:g} or fitted prior, any sampler and step count), against "
-                  f"the best with NFE <= N at T={summary['T_ref']:g} with the standard prior. Uncertainties: "
-                  + ("the data floor's sd" if floor and floor[1] is not None else "the metric's own std/se, if any")
-                  + " for each score, and their root sum of squares for the difference (conservative where "
-                  "the two share x_T seeds); the best of many configurations is biased low. "
+                  f"the best with NFE <= N at T={summary['T_ref']:g} with the standard prior. Each score with its "
+                  "bootstrap se; the difference with its paired bootstrap 95% interval. The best of many "
+                  "configurations is biased low. "
                   f"`difftime sample RUN --nfe N --study {out}` samples with the lower of the two.")
         md.append("")
         frows = []
         for e in frontier["frontier"]:
             b, ref = e["best"], e["reference"]
             frows.append([str(e["budget"]), _config_text(b) if b else "-", str(b["nfe"]) if b else "-",
-                          _pm(b["value"], b["uncertainty"]) if b else "-",
+                          _pm(b["value"], b["uncertainty"], 4) if b else "-",
                           _config_text(ref) if ref else "-", str(ref["nfe"]) if ref else "-",
-                          _pm(ref["value"], ref["uncertainty"]) if ref else "-",
-                          _pm(e["difference"], e["difference_uncertainty"]) if e["difference"] is not None else "-",
+                          _pm(ref["value"], ref["uncertainty"], 4) if ref else "-",
+                          (f"{e['difference']:+.4g} [{e['difference_interval'][0]:+.4g}, "
+                           f"{e['difference_interval'][1]:+.4g}]" if e.get("difference_interval")
+                           else _pm(e["difference"], e["difference_uncertainty"]))
+                          if e["difference"] is not None else "-",
                           e["verdict"] or "-"])
         md.append(_table(["NFE budget", "best configuration", "NFE", metric.upper(),
                           f"T={summary['T_ref']:g} standard", "NFE", metric.upper(), "difference", "verdict"], frows))
