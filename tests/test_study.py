@@ -23,7 +23,7 @@ def _tiny_study(tmp_path: Path, **study: object) -> Path:
               "study": {"T_grid": [0.4, 1.0], "priors": ["standard", "gaussian", "flow"], "n_samples": 64,
                         "n_likelihood": 16, "n_t": 4, "n_prior": 2, "prior_steps": 20, "steps_per_unit_time": SPT,
                         "fixed_steps": 3, "tol": 1e-3, "frontier_samplers": ["dpm++2m"], "nfe_budgets": [3, 6],
-                        **study}}
+                        "headroom_n": 8, **study}}
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(config))
     return path
@@ -88,6 +88,13 @@ def test_numbers_are_consistent(digits_study):
         assert len(paired[metric]["vs_reference"]) == 5 and len(paired[metric]["vs_standard"]) == 4
     with np.load(digits_study / "likelihood.npz") as f:
         assert f["elbo"].shape == f["nll"].shape == (2, 3, 16)
+    # The prior headroom per T, paired on the same held-out x_T, in the results and the report.
+    assert [h["T"] for h in r["headroom"]] == [0.4, 1.0]
+    for h in r["headroom"]:
+        assert h["n"] == 8 and set(h["priors"]) == {"standard", "gaussian", "flow"}
+        head = h["priors"]["gaussian"]["headroom"]
+        assert head["lo"] <= head["mean"] <= head["hi"]
+    assert "## Prior headroom" in (digits_study / "report.md").read_text()
     d = 64
     for cell in r["cells"]:
         e, nll = cell["likelihood"]["elbo"], cell["likelihood"]["nll"]

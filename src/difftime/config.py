@@ -77,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
         "reference_split": "auto",
         "bootstrap": 200,            # bootstrap replicates per quality score (paired across cells); 0: none
         "elbo_design": "auto",       # across-T ELBO draws: auto (nested for one network, else inverse_cdf)
+        "headroom_n": 200,           # held-out x_T per T for the prior headroom (difftime.headroom); 0: skip
         "fid": False,
         "prior_steps": 1000,
         "prior_batch_size": 256,

@@ -3,6 +3,9 @@
 A study directory holds:
   study.json                the config (training + ``study`` section) and the run it uses; written first
   runs/main/ or runs/T<T>/  the trained run(s): one for ``truncate``, one per T for ``per-T``
+  likelihood.json/.npz      the paired likelihood stage over every T x prior (per-example bits/dim in the .npz)
+  headroom/T<T>.json        how much any prior could still gain at T (difftime.headroom)
+  data_floor.json           held-out real data scored exactly as samples are
   cells/T<T>-<prior>.json   one finished cell each, written atomically; a rerun skips them
   samples/T<T>-<prior>.npz  the samples behind each cell's grid
   results.json, results.csv, report.md and the PNG plots (see :mod:`difftime.study.report`)
@@ -38,6 +41,7 @@ from difftime.config import build_config, merge, sde_config, validate
 from difftime.data import load_data
 from difftime.errors import DifftimeError
 from difftime.evaluation import draw_samples, likelihood_across_T, resolve_prior
+from difftime.headroom import run_headroom
 from difftime.likelihood import ELBO_DESIGNS
 from difftime.io import atomic_write_bytes, exclusive_lock, read_json_file, save_json
 from difftime.metrics import IMAGE_METRICS, METRICS, VECTOR_METRICS, quality_metrics
@@ -152,6 +156,8 @@ def study_settings(config: dict[str, Any]) -> dict[str, Any]:
     s["frontier_steps"] = {name: sorted(frontier_steps(name, s["nfe_budgets"], sde, s["T_grid"][-1],
                                                        s["sample_eps"]).items())
                            for name in s["frontier_samplers"]}
+    if s["headroom_n"] == 1 or s["headroom_n"] < 0:
+        raise DifftimeError(f"study.headroom_n must be 0 (no headroom) or >= 2, got {s['headroom_n']}")
     for key in ("steps_per_unit_time", "fixed_steps", "n_samples", "n_likelihood", "n_t", "n_prior",
                 "dequant_repeats", "prior_steps", "prior_batch_size", "grid_images"):
         if s[key] < 1:
@@ -310,6 +316,20 @@ class Study:
                                    progress=self.progress)
         return prior, {"fitted_now": True, "fit": fit}
 
+    def _headroom(self, run, priors: dict[str, Any], T: float, dataset) -> dict[str, Any]:
+        """How much any prior could still gain at T (``difftime.headroom``), cached per T."""
+        s = self.settings
+        path = self.out / "headroom" / f"T{T:g}.json"
+        if path.is_file():
+            saved = read_json_file(path, "headroom record")
+            if sorted(saved.get("priors", {})) == sorted({"standard", *priors}):
+                return saved
+        record = run_headroom(run, {p: prior for p, prior in priors.items() if p != "standard"}, T, dataset,
+                              n=s["headroom_n"], seed=self.config["seed"], rtol=s["tol"], atol=s["tol"],
+                              divergence=s["divergence"])
+        save_json(path, record)
+        return record
+
     def _likelihood(self, runs: dict[float, Any], priors: dict[float, dict[str, Any]], dataset) -> dict[str, Any]:
         """The likelihood stage: every T x prior on the same examples and draws (one PF-ODE solve
         for the whole grid in truncate mode), the per-example bits/dim in ``likelihood.npz`` and
@@ -431,6 +451,7 @@ class Study:
                 priors[T][family], info = self._prior(runs[T], family, T, dataset)
                 prior_info[T, family] = {**info, "wall_s": time.perf_counter() - start}
         likelihood = self._likelihood(runs, priors, dataset)
+        headroom = [self._headroom(runs[T], priors[T], T, dataset) for T in s["T_grid"]] if s["headroom_n"] else []
         by_cell: dict[tuple[float, str], dict[str, Any]] = {}
         bar = tqdm(total=len(cells), desc="study", unit="cell", disable=not self.progress, position=0)
         with bar:
@@ -450,7 +471,7 @@ class Study:
                 bar.update(1)
         results = [by_cell[key] for key in cells]
         summary = {"config": self.config, "settings": s, "run": self.pretrained, "training": training,
-                   "data_floor": floor, "likelihood_paired": likelihood["paired"],
+                   "data_floor": floor, "likelihood_paired": likelihood["paired"], "headroom": headroom,
                    "elbo_design": likelihood["elbo_design"], "versions": versions(), "cells": results, "T_ref": T_ref,
                    "n_cells": len(cells),
                    "wall_s_this_invocation": time.perf_counter() - start_all}
