@@ -57,8 +57,9 @@ from difftime.training import train_run
 
 SAMPLER_ALIASES = {"ode": "heun", "sde": "em"}
 MODES = ("truncate", "per-T")
-# Study settings that may change between reruns of one study directory: they only add or drop cells.
-GRID_KEYS = ("T_grid", "priors")
+# Study settings that may change between reruns of one study directory: they only add or drop cells
+# (or, for headroom_n, the headroom stage).
+GRID_KEYS = ("T_grid", "priors", "headroom_n")
 
 
 def sample_eps(config: dict[str, Any]) -> float:
@@ -238,7 +239,7 @@ class Study:
             if changed:
                 raise DifftimeError(
                     f"{self.out} holds a study with different settings ({', '.join(changed)}); only "
-                    f"{' and '.join(GRID_KEYS)} may change on a rerun: use the same options or a new --out")
+                    f"{', '.join(GRID_KEYS)} may change on a rerun: use the same options or a new --out")
         elif any(p.name != LOCK_FILE for p in self.out.iterdir()):
             raise DifftimeError(f"{self.out} exists and is not a difftime study directory; choose a new --out")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -322,7 +323,7 @@ class Study:
         path = self.out / "headroom" / f"T{T:g}.json"
         if path.is_file():
             saved = read_json_file(path, "headroom record")
-            if sorted(saved.get("priors", {})) == sorted({"standard", *priors}):
+            if sorted(saved.get("priors", {})) == sorted({"standard", *priors}) and saved.get("n") == s["headroom_n"]:
                 return saved
         record = run_headroom(run, {p: prior for p, prior in priors.items() if p != "standard"}, T, dataset,
                               n=s["headroom_n"], seed=self.config["seed"], rtol=s["tol"], atol=s["tol"],
@@ -458,7 +459,10 @@ class Study:
             for T, family in cells:
                 path = self.out / "cells" / f"{cell_name(T, family)}.json"
                 if path.is_file():
-                    by_cell[T, family] = read_json_file(path, "study cell")
+                    # The likelihood stage is the source of a cell's likelihood figures (it may have been
+                    # recomputed for a changed grid since the cell was written).
+                    by_cell[T, family] = {**read_json_file(path, "study cell"),
+                                          "likelihood": likelihood["cells"][f"{T:g}"][family]}
                 else:
                     bar.set_postfix_str(f"T={T:g} {family}")
                     run = runs[T]

@@ -204,8 +204,10 @@ def _verdict(diff: dict[str, Any] | Difference | None, better_if_negative: bool 
 
 
 def _ci(d: dict[str, Any] | Difference, scale: float = 1.0, digits: int = 3) -> str:
+    """mean [lo, hi] times ``scale`` (a negative scale flips the difference and its interval)."""
     mean, lo, hi = (d["mean"], d["lo"], d["hi"]) if isinstance(d, dict) else (d.mean, d.lo, d.hi)
-    return f"{scale * mean:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
+    lo, hi = sorted((scale * lo, scale * hi))
+    return f"{scale * mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def claims(cells: list[dict[str, Any]], paired: dict[str, Any], metric: str | None, samplers: list[str],
@@ -248,8 +250,9 @@ def claims(cells: list[dict[str, Any]], paired: dict[str, Any], metric: str | No
             for v in kl:  # the best fitted prior's improvement, in nats per example
                 if v["T"] not in best_kl or v["mean"] < best_kl[v["T"]]["mean"]:
                     best_kl[v["T"]] = v
-            mismatch = ("The measured lower bound on KL(p_T || N) (best fitted prior minus standard, ELBO, paired): "
-                        + ", ".join(f"T={T:g}: {_ci(best_kl[T], scale)} {unit}" for T in sorted(best_kl)) + ". ")
+            mismatch = ("The measured lower bound on KL(p_T || N) (the standard prior's ELBO minus the best fitted "
+                        "prior's, paired): " + ", ".join(f"T={T:g}: {_ci(best_kl[T], -scale)} {unit}"
+                                                         for T in sorted(best_kl)) + ". ")
         note = (" In `truncate` mode one network serves every T, so the score term of a longer horizon only adds "
                 "the extra interval; `--mode per-T` trains a network per horizon, as the paper does."
                 if mode == "truncate" else "")

@@ -137,10 +137,14 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     if summary.get("run"):
         md.append(f"- Pretrained model `{summary['run']}` (not trained by this study).")
     md.append(f"- Likelihoods: the first {first['n']} test examples, {first['dequant_repeats']} dequantization "
-              f"draw(s), ELBO with {first['elbo']['n_t']} importance-sampled t and "
-              f"{first['elbo']['n_prior']} prior draws per example, PF-ODE by dopri5 at tol {s['tol']:g} "
-              f"({s['divergence']} divergence).")
-    md.append(f"- Samples: {s['n_samples']} per entry, against the test split; step budgets: "
+              f"draw(s), ELBO with "
+              + (f"{first['elbo']['n_t'] * len(s['T_grid'])} importance-sampled t on [eps, {max(s['T_grid']):g}], each T "
+                 f"using those below it (nested), " if first["elbo"].get("design") == "nested" else
+                 f"{first['elbo']['n_t']} importance-sampled t per T, ")
+              + f"{first['elbo']['n_prior']} prior draws per example, PF-ODE by the Bogacki-Shampine 3(2) pair with "
+              f"per-example step control at tol {s['tol']:g} ({s['divergence']} divergence).")
+    md.append(f"- Samples: {s['n_samples']} per entry, against the "
+              f"{(summary.get('data_floor') or {}).get('reference_split', 'test')} split; step budgets: "
               f"round({s['steps_per_unit_time']} x T) steps (NFE proportional to T) and {s['fixed_steps']} fixed "
               f"steps" + (f"; {', '.join(s['frontier_samplers'])} at exactly NFE "
                           f"{', '.join(map(str, s['nfe_budgets']))} for the quality frontier"
