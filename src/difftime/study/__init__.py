@@ -452,7 +452,10 @@ class Study:
                 priors[T][family], info = self._prior(runs[T], family, T, dataset)
                 prior_info[T, family] = {**info, "wall_s": time.perf_counter() - start}
         likelihood = self._likelihood(runs, priors, dataset)
-        headroom = [self._headroom(runs[T], priors[T], T, dataset) for T in s["T_grid"]] if s["headroom_n"] else []
+        # The model's own marginal at T is N(0, I) at T_max carried down by its PF-ODE, which needs a
+        # network trained up to T_max: per-T runs stop at their T, so they have no headroom.
+        headroom = ([self._headroom(runs[T], priors[T], T, dataset) for T in s["T_grid"]]
+                    if s["headroom_n"] and s["mode"] == "truncate" else [])
         by_cell: dict[tuple[float, str], dict[str, Any]] = {}
         bar = tqdm(total=len(cells), desc="study", unit="cell", disable=not self.progress, position=0)
         with bar:
