@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -215,7 +214,8 @@ def test_likelihood_across_T_one_solve_matches_a_solve_per_T(tiny_run, one_threa
     one = likelihood_across_T({T: run for T in Ts}, priors, raw, elbo_design="inverse_cdf", **opts)
     per_T = likelihood_across_T({0.4: other, 1.0: run}, priors, raw, **opts)  # not one network object
     assert one.one_solve and not per_T.one_solve and per_T.elbo_design == "inverse_cdf"
-    np.testing.assert_allclose(one.per_example["nll"], per_T.per_example["nll"], atol=1e-2)  # solver tolerance 1e-4; a wrong T moves it by > 0.1
+    # Solver tolerance 1e-4; a wrong T would move it by more than 0.1.
+    np.testing.assert_allclose(one.per_example["nll"], per_T.per_example["nll"], atol=1e-2)
     np.testing.assert_allclose(one.per_example["elbo"], per_T.per_example["elbo"], rtol=1e-9)
     # Adjacent differences from the table equal the difference of the cells' means.
     d = one.difference("nll", (1.0, "standard"), (0.4, "standard"))

@@ -21,9 +21,9 @@ from difftime.errors import DifftimeError
 from difftime.likelihood import bits_per_dim, elbo_across_T, full_precision, ode_flow, prior_draws_across_T
 from difftime.priors import StandardPrior, load_prior, prior_dir
 from difftime.rng import stream_seed
-from difftime.stats import Difference, paired_difference
 from difftime.run import Run
 from difftime.sampling import sample
+from difftime.stats import Difference, paired_difference
 
 LIKELIHOOD_METRICS = ("elbo", "nll")
 

@@ -42,8 +42,8 @@ from difftime.data import load_data
 from difftime.errors import DifftimeError
 from difftime.evaluation import draw_samples, likelihood_across_T, resolve_prior
 from difftime.headroom import run_headroom
-from difftime.likelihood import ELBO_DESIGNS
 from difftime.io import atomic_write_bytes, exclusive_lock, read_json_file, save_json
+from difftime.likelihood import ELBO_DESIGNS
 from difftime.metrics import IMAGE_METRICS, METRICS, VECTOR_METRICS, quality_metrics
 from difftime.plots import save_samples_figure
 from difftime.priors import PRIOR_FAMILIES, fit_run_prior, prior_dir

@@ -7,8 +7,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from difftime.stats import Difference, replicate_difference
 
 
@@ -63,7 +61,7 @@ def paired_likelihood(result: Any, T_ref: float, level: float = 0.95) -> dict[st
     for metric, values in result.per_example.items():
         entry: dict[str, Any] = {"adjacent": [], "vs_reference": [], "vs_standard": [], "best_T": []}
         for p in priors:
-            for T_a, T_b in zip(Ts, Ts[1:]):
+            for T_a, T_b in zip(Ts, Ts[1:], strict=False):
                 entry["adjacent"].append({"prior": p, "T_a": T_a, "T_b": T_b,
                                           **_difference_dict(result.difference(metric, (T_b, p), (T_a, p), level))})
             means = {T: float(values[Ts.index(T), priors.index(p)].mean()) for T in Ts}
@@ -314,7 +312,8 @@ def claims(cells: list[dict[str, Any]], paired: dict[str, Any], metric: str | No
             "cost_proportional_to_T", verdict, {"sampler": sampler, "ratios": ratios},
             f"**Sampling cost falls in proportion to T: {verdict}** ({sampler}, "
             f"relative to T={T_ref:g}; {'; '.join(parts)}). NFE are counted exactly; wall times are single "
-            f"measurements on a shared machine. Fitting an auxiliary prior adds a one-off cost, listed under wall time."))
+            f"measurements on a shared machine. Fitting an auxiliary prior adds a one-off cost, listed under "
+            f"wall time."))
     return lines
 
 
@@ -347,7 +346,8 @@ def quality_frontier(cells: list[dict[str, Any]], metric: str, budgets: list[int
     Each side carries its uncertainty (:func:`_uncertainty`). With bootstrap replicates the
     difference best - reference gets a paired bootstrap 95% interval (``difference_interval``) and
     the verdict is "shorter T / fitted prior better" or "T_ref standard better" when it excludes
-    zero, "within noise" otherwise; without them, 2 sqrt(u_best^2 + u_ref^2) stands in for it. ``choice`` is the side with the lower score: what ``difftime sample --nfe``
+    zero, "within noise" otherwise; without them, 2 sqrt(u_best^2 + u_ref^2) stands in for it.
+    ``choice`` is the side with the lower score: what ``difftime sample --nfe``
     uses. The best of many noisy configurations is biased low (a winner's curse), more so the more
     configurations share a budget.
     """

@@ -138,7 +138,8 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
         md.append(f"- Pretrained model `{summary['run']}` (not trained by this study).")
     md.append(f"- Likelihoods: the first {first['n']} test examples, {first['dequant_repeats']} dequantization "
               f"draw(s), ELBO with "
-              + (f"{first['elbo']['n_t'] * len(s['T_grid'])} importance-sampled t on [eps, {max(s['T_grid']):g}], each T "
+              + (f"{first['elbo']['n_t'] * len(s['T_grid'])} importance-sampled t on "
+                 f"[eps, {max(s['T_grid']):g}], each T "
                  f"using those below it (nested), " if first["elbo"].get("design") == "nested" else
                  f"{first['elbo']['n_t']} importance-sampled t per T, ")
               + f"{first['elbo']['n_prior']} prior draws per example, PF-ODE by the Bogacki-Shampine 3(2) pair with "
@@ -188,7 +189,8 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
         md.append("")
         rrows = []
         for v in pm.get("elbo", {}).get("vs_reference", []):
-            n = next((w for w in pm.get("nll", {}).get("vs_reference", []) if (w["T"], w["prior"]) == (v["T"], v["prior"])),
+            n = next((w for w in pm.get("nll", {}).get("vs_reference", [])
+                      if (w["T"], w["prior"]) == (v["T"], v["prior"])),
                      None)
             rrows.append([f"{v['T']:g}", v["prior"], _ci(v, scale), _ci(n, scale) if n else "-"])
         if rrows:
