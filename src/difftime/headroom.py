@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from difftime.errors import DifftimeError
-from difftime.likelihood import full_precision, ode_flow
+from difftime.likelihood import full_precision, ode_log_likelihood
 from difftime.priors import StandardPrior, heldout_set
 from difftime.run import Run
 from difftime.sde import SDE
@@ -65,9 +65,10 @@ def model_marginal_log_prob(
         return top.log_prob(x_T).double(), 0
     logs, nfe = [], 0
     for chunk in x_T.split(int(batch)):
-        x_top, integral, n = ode_flow(model, sde, chunk, sde.T_max, eps=T, rtol=rtol, atol=atol,
-                                      divergence=divergence, generator=generator, n_probes=n_probes)
-        logs.append(top.log_prob(x_top).double() + integral.double())
+        # The PF-ODE log-likelihood with T as the start time and the standard prior at T_max.
+        log_p, n, _ = ode_log_likelihood(model, sde, chunk, sde.T_max, top, eps=T, rtol=rtol, atol=atol,
+                                         divergence=divergence, generator=generator, n_probes=n_probes)
+        logs.append(log_p.double())
         nfe += int(n)
     return torch.cat(logs), nfe
 
