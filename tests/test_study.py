@@ -398,3 +398,17 @@ def test_frontier_steps_meet_each_budget_exactly():
     assert frontier_steps("heun", [4, 5, 6, 7], sde, 1.0, 1e-3) == {5: 2, 7: 3}  # 2 NFE per step + 1
     with pytest.raises(Exception, match="fixed NFE per step"):
         frontier_steps("dopri5", [4, 6], sde, 1.0, 1e-3)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("reference_split", "val", "study.reference_split must be auto, train or test"),
+    ("bootstrap", 1, "study.bootstrap must be 0"),
+    ("elbo_design", "grid", "study.elbo_design must be auto or one of"),
+    ("headroom_n", 1, "study.headroom_n must be 0"),
+])
+def test_bad_resolution_settings_are_one_line_errors(tmp_path, capsys, key, value, message):
+    config = _tiny_study(tmp_path, **{key: value})
+    out = tmp_path / "s"
+    assert main(["study", "--preset", "digits", "--config", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
