@@ -455,3 +455,27 @@ def test_quality_metrics_user_errors(tmp_path: Path) -> None:
         with pytest.raises(DifftimeError, match=pattern) as exc:
             call()
         _one_line(exc)
+
+
+def test_kid_and_fd_bootstrap_are_the_estimates_they_resample():
+    """KID's value is the full unbiased U-statistic (brute force here); a replicate with every count 1
+    is the original sample, so it reproduces KID and FD exactly; the counts depend only on (n, B, seed)."""
+    from difftime.metrics.features import bootstrap_counts, feature_statistics, frechet_bootstrap, kid_bootstrap
+    from difftime.stats import replicate_difference
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)), rng.normal(0.3, 1.0, size=(70, 5))
+    k = lambda a, b: (a @ b.T / 5 + 1.0) ** 3  # noqa: E731
+    kxx, kyy = k(x, x), k(y, y)
+    brute = ((kxx.sum() - np.trace(kxx)) / (40 * 39) + (kyy.sum() - np.trace(kyy)) / (70 * 69)
+             - 2 * k(x, y).mean())
+    counts = np.vstack([np.ones(40), bootstrap_counts(40, 50, seed=3)])
+    value, reps = kid_bootstrap(x, y, counts)
+    assert value == pytest.approx(brute, rel=1e-10) and reps[0] == pytest.approx(brute, rel=1e-10)
+    assert reps[1:].std() > 0 and np.array_equal(bootstrap_counts(40, 50, seed=3), counts[1:])
+    assert bootstrap_counts(40, 50, seed=3).sum(1).tolist() == [40] * 50
+    fd = frechet_bootstrap(x, counts, *feature_statistics(y))
+    assert fd[0] == pytest.approx(frechet_distance_features(x, y), rel=1e-9)
+    # Paired replicates: a set shifted by a constant in every replicate has a zero-se difference.
+    d = replicate_difference(value + 1.0, value, reps + 1.0, reps)
+    assert d.mean == pytest.approx(1.0) and d.se == pytest.approx(0.0, abs=1e-12)
