@@ -86,3 +86,24 @@ def test_evaluate_is_reproducible_from_the_seed(digits_run):
     torch.manual_seed(123)  # global RNG state must not matter
     c = likelihood_metrics(run, {"gaussian": prior}, data.test[:8], T, ("elbo",), n_t=4, seed=3, progress=False)
     assert a == c
+
+
+def test_bf16_sampling_stays_close_to_fp32_and_bad_precision_is_refused(tiny_run, one_thread):
+    """bfloat16 autocast changes the network's rounding only: its output is float32 and within
+    bf16 round-off of the float32 network, and the same seed gives nearly the same samples."""
+    from difftime.errors import DifftimeError
+    from difftime.evaluation import _BF16Network, draw_samples, resolve_prior
+    from difftime.run import load_run
+
+    run = load_run(tiny_run)
+    x, t = torch.randn(16, *run.shape, generator=torch.Generator().manual_seed(0)), torch.full((16,), 0.5)
+    with torch.no_grad():
+        exact, half = run.model(x, t), _BF16Network(run.model)(x, t)
+    err = (half - exact).abs().max() / exact.abs().max()
+    assert half.dtype == torch.float32 and 0 < err < 0.05
+    prior = resolve_prior(run, "standard", 1.0)
+    full, nfe, _ = draw_samples(run, prior, 1.0, "dpm++2m", 5, 32, seed=1)
+    bf16, nfe_bf16, _ = draw_samples(run, prior, 1.0, "dpm++2m", 5, 32, seed=1, precision="bf16")
+    assert nfe == nfe_bf16 and (bf16 == full).mean() > 0.9
+    with pytest.raises(DifftimeError, match="precision must be one of fp32, bf16"):
+        draw_samples(run, prior, 1.0, "dpm++2m", 5, 4, precision="fp16")

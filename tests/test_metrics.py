@@ -479,3 +479,21 @@ def test_kid_and_fd_bootstrap_are_the_estimates_they_resample():
     # Paired replicates: a set shifted by a constant in every replicate has a zero-se difference.
     d = replicate_difference(value + 1.0, value, reps + 1.0, reps)
     assert d.mean == pytest.approx(1.0) and d.se == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fd_bootstrap_with_fewer_samples_than_features_matches_the_covariance_route():
+    """With n <= d (Inception's 2048 features against 1000 samples) each replicate uses the weighted,
+    centred samples as the covariance factor; it is the same FD as the d x d covariance route."""
+    from difftime.metrics.features import _factor, _fd, bootstrap_counts, feature_statistics, frechet_bootstrap
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(20, 30)), rng.normal(0.2, 1.1, size=(25, 30))
+    mu2, sigma2 = feature_statistics(y)
+    counts = bootstrap_counts(20, 4, seed=0)
+    fast = frechet_bootstrap(x, counts, mu2, sigma2)
+    for value, w in zip(fast, counts.astype(np.float64), strict=True):
+        mu = w @ x / 20
+        c = x - mu
+        sigma = (c.T * w) @ c / 19
+        slow = _fd(mu, float(np.trace(sigma)), _factor(sigma), mu2, float(np.trace(sigma2)), _factor(sigma2))
+        assert value == pytest.approx(slow, rel=1e-8)

@@ -221,3 +221,28 @@ def test_likelihood_across_T_one_solve_matches_a_solve_per_T(tiny_run, one_threa
     d = one.difference("nll", (1.0, "standard"), (0.4, "standard"))
     assert d.mean == pytest.approx(one.summaries[1.0]["standard"]["nll"]["bpd"]
                                    - one.summaries[0.4]["standard"]["nll"]["bpd"], abs=1e-9)
+
+
+def test_likelihood_across_T_n_nll_solves_the_first_examples_only(tiny_run, one_thread):
+    """``n_nll`` runs the PF-ODE on the first n_nll examples: their bits/dim equal a run on those
+    examples alone (the same dequantization rows, the same probes), while the ELBO keeps all."""
+    from difftime.data import load_data
+    from difftime.errors import DifftimeError
+    from difftime.evaluation import likelihood_across_T
+    from difftime.priors import StandardPrior
+    from difftime.run import load_run
+
+    run = load_run(tiny_run)
+    Ts = (0.4, 1.0)
+    priors = {T: {"standard": StandardPrior.for_sde(run.sde, T, run.shape)} for T in Ts}
+    raw = load_data("digits").test[:6]
+    opts = {"n_t": 4, "n_prior": 2, "rtol": 1e-4, "atol": 1e-4, "divergence": "hutchinson", "progress": False}
+    part = likelihood_across_T({T: run for T in Ts}, priors, raw, n_nll=3, **opts)
+    alone = likelihood_across_T({T: run for T in Ts}, priors, raw[:3], **opts)
+    assert part.per_example["elbo"].shape == (2, 1, 6) and part.per_example["nll"].shape == (2, 1, 3)
+    np.testing.assert_allclose(part.per_example["nll"], alone.per_example["nll"], rtol=1e-6)
+    summary = part.summaries[1.0]["standard"]
+    assert summary["n"] == 6 and summary["nll"]["n"] == 3
+    assert summary["nll"]["bpd"] == pytest.approx(float(part.per_example["nll"][1, 0].mean()), abs=1e-9)
+    with pytest.raises(DifftimeError, match="n_nll must be between 2 and the 6 examples"):
+        likelihood_across_T({T: run for T in Ts}, priors, raw, n_nll=7, **opts)

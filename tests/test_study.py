@@ -23,7 +23,7 @@ def _tiny_study(tmp_path: Path, **study: object) -> Path:
               "study": {"T_grid": [0.4, 1.0], "priors": ["standard", "gaussian", "flow"], "n_samples": 64,
                         "n_likelihood": 16, "n_t": 4, "n_prior": 2, "prior_steps": 20, "steps_per_unit_time": SPT,
                         "fixed_steps": 3, "tol": 1e-3, "frontier_samplers": ["dpm++2m"], "nfe_budgets": [3, 6],
-                        "headroom_n": 8, **study}}
+                        "headroom_n": 8, "n_pfode": 8, "fid_headline": 16, **study}}
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(config))
     return path
@@ -62,6 +62,31 @@ def test_every_artifact_is_written(digits_study):
         assert f"]({image})" in report
 
 
+def test_pfode_subset_and_headline_fid(digits_study):
+    """n_pfode solves the PF-ODE on the first 8 of the 16 likelihood examples; the headline stage
+    scores the frontier's best and T_ref-standard configurations by Inception FID on 16 samples,
+    with a paired interval, a grid each, and a report section."""
+    r = _results(digits_study)
+    for c in r["cells"]:
+        assert c["likelihood"]["n"] == 16 and c["likelihood"]["nll"]["n"] == 8
+    with np.load(digits_study / "likelihood.npz") as z:
+        assert z["elbo"].shape[-1] == 16 and z["nll"].shape[-1] == 8
+    head = r["fid_headline"]
+    assert head["n_samples"] == head["n_reference"] == 16 and head["bootstrap"] == 50
+    assert [row["budget"] for row in head["rows"]] == r["settings"]["nfe_budgets"]
+    for row in head["rows"]:
+        ref = row["reference"]
+        assert ref["T"] == 1.0 and ref["prior"] == "standard" and ref["nfe"] <= row["budget"]
+        assert math.isfinite(ref["fid"]) and ref["fid"] > 0 and ref["fid_se"] > 0
+        assert (digits_study / ref["grid"]).is_file()
+        if row.get("best"):
+            assert (row["best"]["T"], row["best"]["prior"]) != (1.0, "standard")
+            d = row["difference"]
+            assert d["mean"] == pytest.approx(row["best"]["fid"] - ref["fid"], rel=1e-9)
+            assert d["lo"] < d["mean"] < d["hi"]
+    assert "## Inception FID of the headline configurations" in (digits_study / "report.md").read_text()
+
+
 def test_numbers_are_consistent(digits_study):
     r = _results(digits_study)
     assert len(r["cells"]) == 6
@@ -87,7 +112,7 @@ def test_numbers_are_consistent(digits_study):
             assert a["se"] < factor * math.hypot(lo_cell["bpd_se"], hi_cell["bpd_se"]), (metric, a)
         assert len(paired[metric]["vs_reference"]) == 5 and len(paired[metric]["vs_standard"]) == 4
     with np.load(digits_study / "likelihood.npz") as f:
-        assert f["elbo"].shape == f["nll"].shape == (2, 3, 16)
+        assert f["elbo"].shape == (2, 3, 16) and f["nll"].shape == (2, 3, 8)  # n_pfode = 8
     # The prior headroom per T, paired on the same held-out x_T, in the results and the report.
     assert [h["T"] for h in r["headroom"]] == [0.4, 1.0]
     for h in r["headroom"]:
@@ -405,6 +430,10 @@ def test_frontier_steps_meet_each_budget_exactly():
     ("bootstrap", 1, "study.bootstrap must be 0"),
     ("elbo_design", "grid", "study.elbo_design must be auto or one of"),
     ("headroom_n", 1, "study.headroom_n must be 0"),
+    ("n_pfode", 17, "study.n_pfode must be between 2 and study.n_likelihood=16"),
+    ("sample_precision", "fp16", "study.sample_precision must be one of fp32, bf16"),
+    ("fixed_steps", -1, "study.fixed_steps must be >= 1 (or 0"),
+    ("fid_headline", 1, "study.fid_headline must be 0 (none) or the number of samples"),
 ])
 def test_bad_resolution_settings_are_one_line_errors(tmp_path, capsys, key, value, message):
     config = _tiny_study(tmp_path, **{key: value})

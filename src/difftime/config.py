@@ -63,9 +63,11 @@ DEFAULTS: dict[str, Any] = {
         "nfe_budgets": [4, 6, 8, 10, 15, 20, 30, 50],
         "frontier_samplers": ["dpm++2m", "dpm++3m", "ipndm"],
         "steps_per_unit_time": 100.0,  # the budget proportional to T: round(steps_per_unit_time * T) steps
-        "fixed_steps": 20,           # one budget shared by every T
+        "fixed_steps": 20,           # one budget shared by every T; 0: none
+        "sample_precision": "fp32",  # the network during sampling: fp32, or bf16 (autocast; likelihoods stay fp32)
         "n_samples": 500,
         "n_likelihood": 200,
+        "n_pfode": 0,                # PF-ODE bits/dim on the first n_pfode of those (0: all n_likelihood)
         "n_t": 32,
         "n_prior": 4,
         "dequant_repeats": 1,
@@ -78,7 +80,9 @@ DEFAULTS: dict[str, Any] = {
         "bootstrap": 200,            # bootstrap replicates per quality score (paired across cells); 0: none
         "elbo_design": "auto",       # across-T ELBO draws: auto (nested for one network, else inverse_cdf)
         "headroom_n": 200,           # held-out x_T per T for the prior headroom (difftime.headroom); 0: skip
-        "fid": False,
+        "fid": False,                # Inception FID for every cell (about 1000x a classifier's cost on CPU)
+        "fid_headline": 0,           # Inception FID of the frontier's best and T_ref-standard configurations,
+                                     # on this many samples against as many reference images (0: none)
         "prior_steps": 1000,
         "prior_batch_size": 256,
         "prior_lr": 1e-3,

@@ -26,6 +26,7 @@ from difftime.sampling import sample
 from difftime.stats import Difference, paired_difference
 
 LIKELIHOOD_METRICS = ("elbo", "nll")
+SAMPLE_PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_prior(run: Run, family: str, T: float):
@@ -57,21 +58,39 @@ def draw_samples(
     *,
     seed: int = 0,
     eps: float | None = None,
-    batch: int = 1000,
+    batch: int = 500,  # 28x28 U-Net on CPU: 2.4 ms/image at 500 against 3.3 at 1000 (cache)
+    precision: str = "fp32",
     **options: Any,
 ) -> tuple[np.ndarray, int, float]:
     """n data-space samples: x_T ~ prior, the reverse ``sampler`` on [eps, T], then unscaled.
 
     Returns (samples, NFE per sample, wall seconds). One generator drives the prior draw and
-    every sampler batch, so a seed fixes the samples whatever the batch size.
+    every sampler batch, so a seed fixes the samples whatever the batch size. ``precision``
+    "bf16" runs the network under bfloat16 autocast (about 2.4x faster per call for the 28x28
+    U-Net on CPU); the sampler's own arithmetic stays in float32.
     """
+    if precision not in SAMPLE_PRECISIONS:
+        raise DifftimeError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}, got {precision!r}")
     T, eps = run.sde.check_horizon(T, eps)
     generator = torch.Generator().manual_seed(seed)
+    model = _BF16Network(run.model) if precision == "bf16" else run.model
     start = time.perf_counter()
-    x0, nfe = sample(run.model, run.sde, _Shaped(prior, run.shape), n, T, eps, sampler, steps, generator,
+    x0, nfe = sample(model, run.sde, _Shaped(prior, run.shape), n, T, eps, sampler, steps, generator,
                      batch=batch, **options)
     wall = time.perf_counter() - start
     return run.scaler.decode(x0).numpy(), nfe, wall
+
+
+class _BF16Network(torch.nn.Module):
+    """The network under bfloat16 autocast, returning float32 (the sampler's updates stay exact)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return self.model(x, t).float()
 
 
 class _Shaped:
@@ -146,6 +165,7 @@ def likelihood_across_T(
     batch: int = 64,
     seed: int = 0,
     elbo_design: str = "auto",
+    n_nll: int | None = None,
     progress: bool = True,
 ) -> LikelihoodAcrossT:
     """ELBO terms and PF-ODE NLL of ``raw`` (data space) in bits/dim for every T of ``runs`` (T ->
@@ -163,6 +183,9 @@ def likelihood_across_T(
 
     The improvement of a prior nu over the standard one, E log nu(x_T) - E log N(x_T) on shared
     draws, equals KL(p_T||N) - KL(p_T||nu): a measured lower bound on KL(p_T||N).
+
+    ``n_nll`` (default: all) solves the PF-ODE for the first ``n_nll`` examples only: the ELBO
+    costs a few network calls per example, the PF-ODE hundreds of forward+VJP calls.
     """
     unknown = set(metrics) - set(LIKELIHOOD_METRICS)
     if unknown:
@@ -185,6 +208,9 @@ def likelihood_across_T(
     dequant_gen, elbo_gen, ode_gen = (torch.Generator().manual_seed(stream_seed(seed, k)) for k in range(3))
     standard = {T: StandardPrior.for_sde(sde, T, run0.shape) for T in Ts}
     n = len(raw)
+    n_nll = n if n_nll is None else n_nll
+    if not 2 <= n_nll <= n:
+        raise DifftimeError(f"n_nll must be between 2 and the {n} examples, got {n_nll}")
     keys = ("elbo", "prior", "score", "constant", "nll", "improvement")
     per = {(T, p): {k: [] for k in keys} for T in Ts for p in names}
     nfes: list[float] = []
@@ -196,12 +222,13 @@ def likelihood_across_T(
         if "elbo" in metrics:
             _elbo_batch(runs, Ts, priors, standard, x, per, elbo_gen, one_run, design, n_t=n_t, n_prior=n_prior,
                         eps=eps)
-        if "nll" in metrics:
+        if "nll" in metrics and start < n_nll:
             solves = [(Ts, run0)] if one_run else [((T,), runs[T]) for T in Ts]
             probes = ode_gen.get_state()
+            x_nll = x[: n_nll - start]
             for grid, run in solves:
                 ode_gen.set_state(probes)  # the same Hutchinson probes for every solve
-                x_T, integral, nfe = ode_flow(run.model, sde, x, list(grid) if len(grid) > 1 else grid[0], eps,
+                x_T, integral, nfe = ode_flow(run.model, sde, x_nll, list(grid) if len(grid) > 1 else grid[0], eps,
                                               rtol=rtol, atol=atol, divergence=divergence, generator=ode_gen)
                 if len(grid) == 1:
                     x_T, integral = x_T[None], integral[None]
@@ -211,11 +238,13 @@ def likelihood_across_T(
                         for p in names:
                             per[T, p]["nll"].append(priors[T][p].log_prob(x_T[k]).double() + integral[k].double())
     nfe_mean = sum(nfes) / len(nfes) if nfes else math.nan
-    summaries = {T: {p: _likelihood_summary(per[T, p], [nfe_mean], p, metrics, T, eps, n, repeats, d, levels, a,
+    summaries = {T: {p: _likelihood_summary(per[T, p], [nfe_mean], p, metrics, T, eps, n, n_nll, repeats, d,
+                                            levels, a,
                                             n_t=n_t, n_prior=n_prior, rtol=rtol, atol=atol, divergence=divergence,
                                             design=design, one_solve=one_run and len(Ts) > 1)
                      for p in names} for T in Ts}
-    per_example = {m: np.stack([np.stack([_per_example_bits(per[T, p], m, repeats, n, d, levels, a) for p in names])
+    per_example = {m: np.stack([np.stack([_per_example_bits(per[T, p], m, repeats, n if m == "elbo" else n_nll, d,
+                                                            levels, a) for p in names])
                                 for T in Ts]) for m in metrics}
     return LikelihoodAcrossT(Ts=Ts, priors=names, summaries=summaries, per_example=per_example, elbo_design=design,
                              one_solve=one_run and len(Ts) > 1)
@@ -264,11 +293,11 @@ def _per_example_bits(per: dict[str, list[Tensor]], metric: str, repeats: int, n
 
 
 def _likelihood_summary(per_metric: dict[str, list[Tensor]], nfes: list[float], prior_name: str,
-                        metrics: tuple[str, ...], T: float, eps: float, n: int, repeats: int, d: int,
+                        metrics: tuple[str, ...], T: float, eps: float, n: int, n_nll: int, repeats: int, d: int,
                         levels: int | None, a: float, **settings: Any) -> dict[str, Any]:
     def per_example(key: str) -> Tensor:
         """Average the dequantization repeats of each example: one value per example."""
-        return torch.cat(per_metric[key]).reshape(repeats, n).mean(0)
+        return torch.cat(per_metric[key]).reshape(repeats, n_nll if key == "nll" else n).mean(0)
 
     def to_bits(nats: Tensor, offset: bool = True) -> Tensor:
         bits = -nats / (d * math.log(2))
@@ -298,7 +327,7 @@ def _likelihood_summary(per_metric: dict[str, list[Tensor]], nfes: list[float], 
     if "nll" in metrics:
         logp = per_example("nll")
         bpd, bpd_se = _summary(to_bits(logp))
-        result["nll"] = {"bpd": bpd, "bpd_se": bpd_se, "nats": -_summary(logp)[0],
+        result["nll"] = {"bpd": bpd, "bpd_se": bpd_se, "nats": -_summary(logp)[0], "n": n_nll,
                          "nfe_mean": sum(nfes) / len(nfes), "rtol": settings["rtol"], "atol": settings["atol"],
                          "divergence": settings["divergence"], "one_solve": settings["one_solve"]}
     return result

@@ -254,13 +254,19 @@ def frechet_bootstrap(f1: Any, counts: np.ndarray, mu2: np.ndarray, sigma2: np.n
     a = _as_features(f1, "features 1", min_n=2)
     mu2, sigma2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
     tr2, l2 = float(np.trace(sigma2)), _factor(sigma2)
-    n = a.shape[0]
+    n, d = a.shape
     out = np.empty(len(counts))
     for i, w in enumerate(np.asarray(counts, np.float64)):
         mu = w @ a / n
         c = a - mu
-        sigma = (c.T * w) @ c / (n - 1)
-        out[i] = _fd(mu, float(np.trace(sigma)), _factor(sigma), mu2, tr2, l2)
+        if n <= d:
+            # sigma = (W^1/2 c)^T (W^1/2 c) / (n - 1): that (d, n) matrix is itself a factor, so
+            # fewer samples than features (Inception's 2048) need no d x d decomposition per replicate.
+            factor = (c * np.sqrt(w / (n - 1))[:, None]).T
+            out[i] = _fd(mu, float((factor * factor).sum()), factor, mu2, tr2, l2)
+        else:
+            sigma = (c.T * w) @ c / (n - 1)
+            out[i] = _fd(mu, float(np.trace(sigma)), _factor(sigma), mu2, tr2, l2)
     return out
 
 

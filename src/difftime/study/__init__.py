@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from difftime.config import build_config, merge, sde_config, validate
 from difftime.data import load_data
 from difftime.errors import DifftimeError
-from difftime.evaluation import draw_samples, likelihood_across_T, resolve_prior
+from difftime.evaluation import SAMPLE_PRECISIONS, draw_samples, likelihood_across_T, resolve_prior
 from difftime.headroom import run_headroom
 from difftime.io import atomic_write_bytes, exclusive_lock, read_json_file, save_json
 from difftime.likelihood import ELBO_DESIGNS
@@ -51,7 +51,7 @@ from difftime.provenance import versions
 from difftime.run import LOCK_FILE, load_run, read_run_config
 from difftime.sampling import DEFAULT_SAMPLE_EPS, SAMPLERS, SPACINGS, steps_for_horizon
 from difftime.sde import sde_from_config
-from difftime.study.analysis import paired_likelihood
+from difftime.study.analysis import paired_likelihood, primary_metric, quality_difference, quality_frontier
 from difftime.study.report import write_report
 from difftime.training import train_run
 
@@ -59,7 +59,8 @@ SAMPLER_ALIASES = {"ode": "heun", "sde": "em"}
 MODES = ("truncate", "per-T")
 # Study settings that may change between reruns of one study directory: they only add or drop cells
 # (or, for headroom_n, the headroom stage).
-GRID_KEYS = ("T_grid", "priors", "headroom_n")
+FID_BOOTSTRAP = 50  # replicates for the headline Inception FIDs
+GRID_KEYS = ("T_grid", "priors", "headroom_n", "fid_headline")
 
 
 def sample_eps(config: dict[str, Any]) -> float:
@@ -159,7 +160,20 @@ def study_settings(config: dict[str, Any]) -> dict[str, Any]:
                            for name in s["frontier_samplers"]}
     if s["headroom_n"] == 1 or s["headroom_n"] < 0:
         raise DifftimeError(f"study.headroom_n must be 0 (no headroom) or >= 2, got {s['headroom_n']}")
-    for key in ("steps_per_unit_time", "fixed_steps", "n_samples", "n_likelihood", "n_t", "n_prior",
+    if s["fid_headline"] is True or s["fid_headline"] < 0 or s["fid_headline"] == 1:
+        raise DifftimeError(f"study.fid_headline must be 0 (none) or the number of samples (>= 2) to score, "
+                            f"got {s['fid_headline']}")
+    if s["fixed_steps"] < 0:
+        raise DifftimeError(f"study.fixed_steps must be >= 1 (or 0 for no fixed budget), got {s['fixed_steps']}")
+    if s["n_pfode"] == 0:
+        s["n_pfode"] = s["n_likelihood"]
+    if not 2 <= s["n_pfode"] <= s["n_likelihood"]:
+        raise DifftimeError(f"study.n_pfode must be between 2 and study.n_likelihood={s['n_likelihood']} "
+                            f"(0: all of them), got {s['n_pfode']}")
+    if s["sample_precision"] not in SAMPLE_PRECISIONS:
+        raise DifftimeError(f"study.sample_precision must be one of {', '.join(SAMPLE_PRECISIONS)}, "
+                            f"got {s['sample_precision']!r}")
+    for key in ("steps_per_unit_time", "n_samples", "n_likelihood", "n_t", "n_prior",
                 "dequant_repeats", "prior_steps", "prior_batch_size", "grid_images"):
         if s[key] < 1:
             raise DifftimeError(f"study.{key} must be >= 1, got {s[key]}")
@@ -206,6 +220,10 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def cell_name(T: float, prior: str) -> str:
     return f"T{T:g}-{prior}"
+
+
+def _fid_name(c: dict[str, Any]) -> str:
+    return f"{cell_name(c['T'], c['prior'])}-{c['sampler']}-{c['steps']}"
 
 
 class Study:
@@ -338,7 +356,7 @@ class Study:
         when the grid is the same."""
         s = self.settings
         path, arrays = self.out / "likelihood.json", self.out / "likelihood.npz"
-        grid = {"T_grid": s["T_grid"], "priors": s["priors"]}
+        grid = {"T_grid": s["T_grid"], "priors": s["priors"], "n": s["n_likelihood"], "n_pfode": s["n_pfode"]}
         if path.is_file() and arrays.is_file():
             saved = read_json_file(path, "likelihood record")
             if saved.get("grid") == grid:
@@ -348,7 +366,7 @@ class Study:
             runs, priors, dataset.test[: s["n_likelihood"]], ("elbo", "nll"), eps=runs[s["T_grid"][0]].sde.eps,
             dequant_repeats=s["dequant_repeats"], n_t=s["n_t"], n_prior=s["n_prior"], rtol=s["tol"], atol=s["tol"],
             divergence=s["divergence"], seed=self.config["seed"], elbo_design=s["elbo_design"],
-            progress=self.progress)
+            n_nll=s["n_pfode"], progress=self.progress)
         buf = io.BytesIO()
         np.savez(buf, Ts=np.array(result.Ts), priors=np.array(result.priors), **result.per_example)
         atomic_write_bytes(arrays, buf.getvalue())
@@ -364,7 +382,8 @@ class Study:
         """Sample quality of one T x prior at every step budget, its grid, and the cell record."""
         s = self.settings
         seed = self.config["seed"]
-        budgets = [("proportional", steps_for_horizon(T, s["steps_per_unit_time"])), ("fixed", s["fixed_steps"])]
+        budgets = [("proportional", steps_for_horizon(T, s["steps_per_unit_time"]))]
+        budgets += [("fixed", s["fixed_steps"])] if s["fixed_steps"] else []
         budgets += [("sweep", steps) for steps in sweep]
         plan = [(sampler, budget, steps, None) for sampler in s["samplers"] for budget, steps in budgets]
         plan += [(sampler, "frontier", steps, nfe) for sampler in s["frontier_samplers"]
@@ -379,14 +398,16 @@ class Study:
                 continue
             done.add((sampler, steps))
             samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, s["n_samples"],
-                                                     seed=seed, eps=sample_eps, **options)
+                                                     seed=seed, eps=sample_eps, precision=s["sample_precision"],
+                                                     **options)
             if target_nfe is not None and nfe != target_nfe:
                 raise DifftimeError(f"{sampler} with {steps} steps spent {nfe} NFE, not the budget {target_nfe}")
             start = time.perf_counter()
             quality = self._quality(samples, dataset)
             sampling.append({"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe,
                              "spacing": options.get("spacing", default_spacing(sampler)), "eps": sample_eps,
-                             "denoise": True, "n": s["n_samples"], "sample_wall_s": sample_wall,
+                             "denoise": True, "n": s["n_samples"], "precision": s["sample_precision"],
+                             "sample_wall_s": sample_wall,
                              "metrics_wall_s": time.perf_counter() - start, "quality": quality})
             if grid_samples is None and budget == "proportional":
                 grid_samples = (samples, sampler, nfe)
@@ -409,6 +430,65 @@ class Study:
                 "sampling": sampling, "wall": wall, "artifacts": artifacts}
         save_json(self.out / "cells" / f"{name}.json", cell)
         return cell
+
+    def _fid_headline(self, cells: list[dict[str, Any]], runs: dict[float, Any], priors: dict[float, dict[str, Any]],
+                      dataset, T_ref: float) -> dict[str, Any] | None:
+        """Inception FID of the headline configurations: at each NFE budget of the quality frontier,
+        its best truncated configuration and the T_ref standard one. Their samples are drawn again
+        from the same seed (the same images the classifier metrics scored); the first
+        ``study.fid_headline`` of them are scored against as many reference images, with bootstrap
+        replicates that share counts, so best - reference gets a paired interval. Each configuration
+        is cached in ``fid/``; Inception takes about 0.1 s per image on 2 CPU cores."""
+        s = self.settings
+        n = min(s["fid_headline"], s["n_samples"])
+        # Each Inception FD replicate is an SVD of an n x n matrix (about 0.5 s at n = 1000).
+        boot = min(s["bootstrap"], FID_BOOTSTRAP)
+        metric = primary_metric(cells)
+        if not dataset.is_image or metric is None or not s["nfe_budgets"]:
+            return None
+        start = time.perf_counter()
+        frontier = quality_frontier(cells, metric, s["nfe_budgets"], T_ref)
+        scored: dict[str, dict[str, Any]] = {}
+        rows = []
+        options = {} if s["spacing"] == "auto" else {"spacing": s["spacing"]}
+        for entry in frontier:
+            row: dict[str, Any] = {"budget": entry["budget"], "selected_by": metric}
+            for side in ("best", "reference"):
+                c = entry[side]
+                if c is None:
+                    continue
+                name = _fid_name(c)
+                if name not in scored:
+                    path = self.out / "fid" / f"{name}.json"
+                    if path.is_file():
+                        scored[name] = read_json_file(path, "FID record")
+                    else:
+                        samples, nfe, wall = draw_samples(runs[c["T"]], priors[c["T"]][c["prior"]], c["T"],
+                                                          c["sampler"], c["steps"], s["n_samples"],
+                                                          seed=self.config["seed"], eps=s["sample_eps"],
+                                                          precision=s["sample_precision"], **options)
+                        t0 = time.perf_counter()
+                        fid = quality_metrics(samples[:n], dataset.name, ("fid",), n_reference=n,
+                                              reference_split=self._splits(dataset)[0], seed=self.config["seed"],
+                                              progress=self.progress, bootstrap=boot)["fid"]
+                        grid = f"fid/{name}.png"
+                        save_samples_figure(samples[: s["grid_images"]], self.out / grid,
+                                            title=f"T={c['T']:g}, {c['prior']} prior, {c['sampler']}, NFE={nfe}")
+                        scored[name] = {"configuration": {k: c[k] for k in ("T", "prior", "sampler", "steps", "nfe")},
+                                        "nfe": nfe, "n": n, "fid": fid, "sample_wall_s": wall,
+                                        "fid_wall_s": time.perf_counter() - t0, "grid": grid}
+                        save_json(path, scored[name])
+                fid = scored[name]["fid"]
+                row[side] = {**scored[name]["configuration"], "fid": fid["value"], "fid_se": fid.get("se"),
+                             metric: c["value"], "grid": scored[name]["grid"]}
+            if "best" in row and "reference" in row:
+                diff = quality_difference(scored[_fid_name(row["best"])]["fid"],
+                                          scored[_fid_name(row["reference"])]["fid"], "fid")
+                row["difference"] = None if diff is None else {**diff.to_dict(), "resolved": diff.resolved}
+            rows.append(row)
+        return {"rows": rows, "reference_split": self._splits(dataset)[0], "n_samples": n, "n_reference": n,
+                "bootstrap": boot,
+                "wall_s": time.perf_counter() - start}
 
     # --- the whole study ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -477,10 +557,11 @@ class Study:
                                                     sweep if T == T_ref and family == "standard" else [])
                 bar.update(1)
         results = [by_cell[key] for key in cells]
+        fid_headline = self._fid_headline(results, runs, priors, dataset, T_ref) if s["fid_headline"] else None
         summary = {"config": self.config, "settings": s, "run": self.pretrained, "training": training,
                    "data_floor": floor, "likelihood_paired": likelihood["paired"], "headroom": headroom,
                    "elbo_design": likelihood["elbo_design"], "versions": versions(), "cells": results, "T_ref": T_ref,
-                   "n_cells": len(cells),
+                   "n_cells": len(cells), "fid_headline": fid_headline,
                    "wall_s_this_invocation": time.perf_counter() - start_all}
         write_report(summary, self.out)
         return summary

@@ -85,8 +85,9 @@ def write_plots(summary: dict[str, Any], out: Path, metric: str | None, unit: st
                         label=f"{p}, NFE proportional to T")
                 fixed = [(r["nfe"], r["quality"][metric]["value"]) for c in mine for r in c["sampling"]
                          if r["sampler"] == sampler and r["budget"] == "fixed"]
-                ax.scatter([x for x, _ in fixed], [y for _, y in fixed], facecolors="none", edgecolors=colors[p],
-                           marker="D", label=f"{p}, fixed {s['fixed_steps']} steps")
+                if fixed:
+                    ax.scatter([x for x, _ in fixed], [y for _, y in fixed], facecolors="none", edgecolors=colors[p],
+                               marker="D", label=f"{p}, fixed {s['fixed_steps']} steps")
             ref = next((c for c in cells if c["T"] == summary["T_ref"] and c["prior"] == "standard"), None)
             if ref is not None:
                 line = sorted((r["nfe"], r["quality"][metric]["value"]) for r in ref["sampling"]

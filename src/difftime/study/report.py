@@ -136,7 +136,10 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
                   f"{rec['params']:,} parameters, {rec['wall_s']:.0f} s.")
     if summary.get("run"):
         md.append(f"- Pretrained model `{summary['run']}` (not trained by this study).")
-    md.append(f"- Likelihoods: the first {first['n']} test examples, {first['dequant_repeats']} dequantization "
+    n_pfode = first.get("nll", {}).get("n", first["n"])
+    md.append(f"- Likelihoods: the first {first['n']} test examples"
+              + (f" (the PF-ODE on the first {n_pfode})" if n_pfode != first["n"] else "")
+              + f", {first['dequant_repeats']} dequantization "
               f"draw(s), ELBO with "
               + (f"{first['elbo']['n_t'] * len(s['T_grid'])} importance-sampled t on "
                  f"[eps, {max(s['T_grid']):g}], each T "
@@ -146,12 +149,15 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
               f"per-example step control at tol {s['tol']:g} ({s['divergence']} divergence).")
     md.append(f"- Samples: {s['n_samples']} per entry, against the "
               f"{(summary.get('data_floor') or {}).get('reference_split', 'test')} split; step budgets: "
-              f"round({s['steps_per_unit_time']} x T) steps (NFE proportional to T) and {s['fixed_steps']} fixed "
-              f"steps" + (f"; {', '.join(s['frontier_samplers'])} at exactly NFE "
+              f"round({s['steps_per_unit_time']} x T) steps (NFE proportional to T)"
+              + (f" and {s['fixed_steps']} fixed steps" if s["fixed_steps"] else "")
+              + (f"; {', '.join(s['frontier_samplers'])} at exactly NFE "
                           f"{', '.join(map(str, s['nfe_budgets']))} for the quality frontier"
                           if s.get("frontier_samplers") else "")
               + (f". Sampling ends at eps = {s['sample_eps']:g} (spacing: {s.get('spacing', 'auto')})"
-                 if "sample_eps" in s else "") + ".")
+                 if "sample_eps" in s else "")
+              + ("; the network runs under bfloat16 autocast while sampling (likelihoods stay float32)"
+                 if s.get("sample_precision") == "bf16" else "") + ".")
     md.append("")
     md.append(f"## Likelihood ({unit}, lower is better)")
     md.append("")
@@ -315,6 +321,37 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
                           e["verdict"] or "-"])
         md.append(_table(["NFE budget", "best configuration", "NFE", metric.upper(),
                           f"T={summary['T_ref']:g} standard", "NFE", metric.upper(), "difference", "verdict"], frows))
+        md.append("")
+    headline = summary.get("fid_headline")
+    if headline and headline["rows"]:
+        md.append("## Inception FID of the headline configurations")
+        md.append("")
+        chosen_by = headline["rows"][0]["selected_by"].upper()
+        md.append(f"At each NFE budget, the frontier's best configuration (chosen by {chosen_by}) and the "
+                  f"T={summary['T_ref']:g} standard one, drawn again from the same seed and scored by "
+                  f"Inception FID (the first {headline['n_samples']} samples against as many images of the "
+                  f"{headline['reference_split']} split; "
+                  "FID at this sample size is biased upward, so compare the rows, not other papers' FIDs). The "
+                  "difference has a paired bootstrap 95% interval.")
+        md.append("")
+        hrows = []
+        for r in headline["rows"]:
+            b, ref, d = r.get("best"), r.get("reference"), r.get("difference")
+            hrows.append([str(r["budget"]), _config_text(b) if b else "-",
+                          _pm(b["fid"], b["fid_se"], 3) if b else "-", _config_text(ref) if ref else "-",
+                          _pm(ref["fid"], ref["fid_se"], 3) if ref else "-",
+                          f"{d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]" if d else "-",
+                          ("resolved" if d["resolved"] else "not resolved") if d else "-"])
+        md.append(_table(["NFE budget", "best truncated configuration", "FID", f"T={summary['T_ref']:g} standard",
+                          "FID", "difference", "interval"], hrows))
+        md.append("")
+        seen = []
+        for r in headline["rows"]:
+            for side in ("best", "reference"):
+                c = r.get(side)
+                if c and c["grid"] not in seen:
+                    seen.append(c["grid"])
+                    md.append(f"![{_config_text(c)}]({c['grid']})")
         md.append("")
     md.append("## Where the paper's claims held on this data")
     md.append("")
