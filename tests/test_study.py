@@ -84,7 +84,15 @@ def test_pfode_subset_and_headline_fid(digits_study):
             d = row["difference"]
             assert d["mean"] == pytest.approx(row["best"]["fid"] - ref["fid"], rel=1e-9)
             assert d["lo"] < d["mean"] < d["hi"]
-    assert "## Inception FID of the headline configurations" in (digits_study / "report.md").read_text()
+    assert head["work_s"] > 0
+    report = (digits_study / "report.md").read_text()
+    assert "## Inception FID of the headline configurations" in report
+    # The stage totals: the training, likelihood and sampling rows and a total that is their sum.
+    table = report.split("## Wall time per stage (seconds)")[1].split("Per cell:")[0]
+    stages = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()
+              if line.startswith("| ") and line.split("|")[2].strip().replace(".", "").isdigit()}
+    assert {"training", "sampling", "likelihood (ELBO and PF-ODE, every cell)", "total"} <= set(stages)
+    assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"), abs=len(stages))
 
 
 def test_numbers_are_consistent(digits_study):

@@ -487,7 +487,7 @@ class Study:
                 row["difference"] = None if diff is None else {**diff.to_dict(), "resolved": diff.resolved}
             rows.append(row)
         return {"rows": rows, "reference_split": self._splits(dataset)[0], "n_samples": n, "n_reference": n,
-                "bootstrap": boot,
+                "bootstrap": boot, "work_s": sum(r["sample_wall_s"] + r["fid_wall_s"] for r in scored.values()),
                 "wall_s": time.perf_counter() - start}
 
     # --- the whole study ---------------------------------------------------------------------
@@ -560,7 +560,8 @@ class Study:
         fid_headline = self._fid_headline(results, runs, priors, dataset, T_ref) if s["fid_headline"] else None
         summary = {"config": self.config, "settings": s, "run": self.pretrained, "training": training,
                    "data_floor": floor, "likelihood_paired": likelihood["paired"], "headroom": headroom,
-                   "elbo_design": likelihood["elbo_design"], "versions": versions(), "cells": results, "T_ref": T_ref,
+                   "elbo_design": likelihood["elbo_design"], "likelihood_wall_s": likelihood["wall_s"],
+                   "versions": versions(), "cells": results, "T_ref": T_ref,
                    "n_cells": len(cells), "fid_headline": fid_headline,
                    "wall_s_this_invocation": time.perf_counter() - start_all}
         write_report(summary, self.out)
