@@ -160,7 +160,7 @@ def study_settings(config: dict[str, Any]) -> dict[str, Any]:
                            for name in s["frontier_samplers"]}
     if s["headroom_n"] == 1 or s["headroom_n"] < 0:
         raise DifftimeError(f"study.headroom_n must be 0 (no headroom) or >= 2, got {s['headroom_n']}")
-    if s["fid_headline"] is True or s["fid_headline"] < 0 or s["fid_headline"] == 1:
+    if s["fid_headline"] < 0 or s["fid_headline"] == 1:
         raise DifftimeError(f"study.fid_headline must be 0 (none) or the number of samples (>= 2) to score, "
                             f"got {s['fid_headline']}")
     if s["fixed_steps"] < 0:
@@ -460,9 +460,10 @@ class Study:
                 name = _fid_name(c)
                 if name not in scored:
                     path = self.out / "fid" / f"{name}.json"
-                    if path.is_file():
-                        scored[name] = read_json_file(path, "FID record")
-                    else:
+                    saved = read_json_file(path, "FID record") if path.is_file() else None
+                    if saved is not None and saved.get("n") == n and len(saved["fid"].get("replicates", [])) == boot:
+                        scored[name] = saved
+                    else:  # new, or scored at another study.fid_headline / bootstrap
                         samples, nfe, wall = draw_samples(runs[c["T"]], priors[c["T"]][c["prior"]], c["T"],
                                                           c["sampler"], c["steps"], s["n_samples"],
                                                           seed=self.config["seed"], eps=s["sample_eps"],
