@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from difftime.allocator import retain_freed_memory
 from difftime.config import build_config
 from difftime.data import load_data
 from difftime.io import atomic_write_bytes
@@ -29,6 +30,7 @@ from difftime.training import saved_config, train_run
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CACHE = HERE / ".cache"  # git-ignored: the trained digits model and its priors
+_PROCESS = {"malloc": "C library defaults"}  # what set_up_process chose
 
 
 def digits_run(run_dir: str | None = None) -> Run:
@@ -42,7 +44,8 @@ def digits_run(run_dir: str | None = None) -> Run:
     path = CACHE / "digits"
     config = build_config(preset="digits")
     exists = (path / "config.json").is_file()
-    if exists and saved_config(path) != config:
+    model_part = {k: v for k, v in config.items() if k != "study"}  # study settings do not change the model
+    if exists and {k: v for k, v in saved_config(path).items() if k != "study"} != model_part:
         raise SystemExit(f"{path} holds a run with another config than the digits preset; delete it")
     if not exists or load_run(path).step < config["train"]["steps"]:
         print(f"training the digits preset into {path}", flush=True)
@@ -102,7 +105,8 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "diffusers": version("diffusers"), "python": platform.python_version(),
             "platform": platform.platform(), "load_average": [round(x, 2) for x in os.getloadavg()],
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "malloc": _PROCESS["malloc"]}
 
 
 def write_result(name: str, result: dict, wall_s: float, out: Path | None = None) -> Path:
@@ -118,6 +122,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (default 1: stable ratios on a shared machine)")
 
 
+def set_up_process(args: argparse.Namespace) -> None:
+    """Threads, and the allocator setting of the difftime command (difftime.allocator), so that
+    both sides of every comparison run under what a user of the command gets."""
+    torch.set_num_threads(args.threads)
+    _PROCESS["malloc"] = "glibc, freed memory retained" if retain_freed_memory() else "C library defaults"
+
+
 def standalone(name: str, add_arguments: Callable, run: Callable, doc: str) -> None:
     """The command line of one benchmark module."""
     parser = argparse.ArgumentParser(description=doc)
@@ -125,7 +136,7 @@ def standalone(name: str, add_arguments: Callable, run: Callable, doc: str) -> N
     add_arguments(parser)
     parser.add_argument("--out", type=Path, help=f"result file (default benchmarks/results/{name}.json)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_up_process(args)
     start = time.perf_counter()
     result = run(args)
     print_rows(result["rows"])

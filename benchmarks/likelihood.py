@@ -12,7 +12,9 @@ Two cases: the digits preset model (8x8, 16 test digits), and a 28x28 U-Net of t
 (unet ch 32, ch_mult [1,2,2], 1 residual block; --run28 for a trained run, otherwise seeded random
 weights) on MNIST-shaped inputs. Also measured: NFE and network rows of each, difftime's time per
 NFE against a bare forward-plus-VJP loop on the very inputs the solve evaluated, and per-example
-against batch-wide error control.
+against batch-wide error control. On digits, the accuracy gate of the solver alone: the default
+solve with the exact divergence against a float64 exact-divergence reference (--n-exact digits;
+no probe noise enters, and this reference takes about an hour at one thread the first time).
 
     python benchmarks/likelihood.py [--run RUN] [--n 16] [--run28 RUN] [--n28 8] [--skip28]
 """
@@ -105,8 +107,9 @@ def bare_forward_vjp(model, inputs, probe) -> float:
     return time.perf_counter() - start
 
 
-def reference(model, sde, x, probe_seed: int, tol: float) -> torch.Tensor:
-    """log p from a float64 solve at ``tol`` with the same probe, cached by network, data and settings.
+def reference(model, sde, x, tol: float, probe_seed: int | None = None) -> torch.Tensor:
+    """log p from a float64 solve at ``tol``, cached by network, data and settings: with the
+    Rademacher probe of ``probe_seed`` (fixed for the solve), or with the exact divergence (None).
 
     Dormand-Prince 5(4) in log-SNR: another pair and another variable than the default it checks."""
     from safetensors.torch import load_file, save_file
@@ -116,18 +119,38 @@ def reference(model, sde, x, probe_seed: int, tol: float) -> torch.Tensor:
         key.update(name.encode())
         key.update(value.detach().cpu().double().numpy().tobytes())
     key.update(x.double().numpy().tobytes())
-    key.update(f"{probe_seed} {tol} {sde!r}".encode())
+    key.update(f"{'exact' if probe_seed is None else probe_seed} {tol} {sde!r}".encode())
     path = CACHE / "likelihood-reference" / f"{key.hexdigest()[:24]}.safetensors"
     if path.is_file():
         return load_file(path)["log_p"]
-    print(f"tight reference solve (float64, tol {tol:g}) for {len(x)} examples, cached in {path}", flush=True)
+    divergence = "exact" if probe_seed is None else "hutchinson"
+    print(f"tight reference solve (float64, tol {tol:g}, {divergence} divergence) for {len(x)} examples, "
+          f"cached in {path}", flush=True)
     model64 = copy.deepcopy(model).double()
-    x_T, integral, _ = ode_flow(model64, sde, x.double(), 1.0, rtol=tol, atol=tol, divergence="hutchinson",
-                                generator=torch.Generator().manual_seed(probe_seed), method="dopri5", variable="logsnr")
+    generator = None if probe_seed is None else torch.Generator().manual_seed(probe_seed)
+    x_T, integral, _ = ode_flow(model64, sde, x.double(), 1.0, rtol=tol, atol=tol, divergence=divergence,
+                                generator=generator, method="dopri5", variable="logsnr")
     log_p = log_standard_normal(x_T) + integral
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"log_p": log_p.contiguous()}, str(path))
     return log_p
+
+
+def exact_gate(model, sde, x, tol: float) -> tuple[dict, dict]:
+    """The accuracy gate on the solver alone: difftime's default solve (float32) with the exact
+    divergence against the float64 exact-divergence reference at ``tol``, so no probe noise enters."""
+    d = x[0].numel()
+    ref = to_bpd(reference(model, sde, x, tol), d)
+    start = time.perf_counter()
+    x_T, integral, nfe = ode_flow(model, sde, x, 1.0, divergence="exact")
+    wall = time.perf_counter() - start
+    err = (to_bpd(log_standard_normal(x_T) + integral, d) - ref).abs()
+    result = {"n": len(x), "reference_tol": tol, "nfe": nfe, "wall_s": wall, "err_bpd": err.tolist(),
+              "max_err_bpd": err.max().item()}
+    print(f"  exact-divergence gate: {result}", flush=True)
+    return result, row("likelihood", f"PF-ODE accuracy gate, {len(x)} digits, exact divergence: largest per-example "
+                       f"|bits/dim| difference from a float64 dopri5 solve at tol {tol:g}", err.max().item(), 0.002,
+                       "bits/dim", "difftime default tolerance (bosh3 in t, rtol = atol = 1e-5)", "target")
 
 
 def compare(name: str, model, sde, x, args, n_label: str) -> tuple[dict, list[dict]]:
@@ -136,7 +159,7 @@ def compare(name: str, model, sde, x, args, n_label: str) -> tuple[dict, list[di
     d, T, eps = x[0].numel(), 1.0, sde.eps
     probe_seed = 1
     probe = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(probe_seed)).float() * 2 - 1
-    ref = to_bpd(reference(model, sde, x, probe_seed, args.ref_tol), d)
+    ref = to_bpd(reference(model, sde, x, args.ref_tol, probe_seed), d)
 
     def ours(control: str = "example", net=model, **tol):
         gen = torch.Generator().manual_seed(probe_seed)  # the same probe: a generator in the state that drew it
@@ -159,8 +182,14 @@ def compare(name: str, model, sde, x, args, n_label: str) -> tuple[dict, list[di
     # depend on the tolerance, so a shorter solve (--nfe-tol) is repeated instead of the default one.
     recorded = Recorded(model)
     ours(net=recorded, rtol=args.nfe_tol, atol=args.nfe_tol)
-    pairs = [(ours(rtol=args.nfe_tol, atol=args.nfe_tol)[0], bare_forward_vjp(model, recorded.inputs, probe))
-             for _ in range(args.nfe_repeats)]
+    pairs = []
+    for i in range(args.nfe_repeats):  # the order alternates, so neither side always runs first
+        if i % 2:
+            bare = bare_forward_vjp(model, recorded.inputs, probe)
+            pairs.append((ours(rtol=args.nfe_tol, atol=args.nfe_tol)[0], bare))
+        else:
+            pairs.append((ours(rtol=args.nfe_tol, atol=args.nfe_tol)[0], bare_forward_vjp(model, recorded.inputs,
+                                                                                          probe)))
     nfe_ratio = float(np.median([a / b for a, b in pairs]))
 
     peers = []
@@ -228,12 +257,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run28", help="a trained 28x28 run (default: the MNIST-CPU-size U-Net, random weights)")
     parser.add_argument("--n28", type=int, default=8, help="28x28 images in the batch")
     parser.add_argument("--skip28", action="store_true", help="only the digits case")
-    parser.add_argument("--ref-tol", type=float, default=1e-6, help="tolerance of the float64 reference solve")
+    parser.add_argument("--ref-tol", type=float, default=1e-7, help="tolerance of the float64 reference solves")
+    parser.add_argument("--n-exact", type=int, default=3,
+                        help="test digits in the exact-divergence accuracy gate (0: skip it)")
     parser.add_argument("--peer-tols", type=lambda s: tuple(float(v) for v in s.split(",")), default=PEER_TOLS,
                         help="the peer's tolerances, tried loosest first")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats of difftime's default solve")
     parser.add_argument("--nfe-tol", type=float, default=1e-4, help="tolerance of the time-per-NFE solves")
-    parser.add_argument("--nfe-repeats", type=int, default=5, help="paired repeats for the time per NFE")
+    parser.add_argument("--nfe-repeats", type=int, default=9, help="paired repeats for the time per NFE")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -246,6 +277,10 @@ def run(args: argparse.Namespace) -> dict:
     results["digits"], digits_rows = compare("digits", model_run.model, model_run.sde, x, args, f"{args.n} digits")
     results["digits"]["run"] = str(model_run.path)
     rows += digits_rows
+    if args.n_exact:
+        results["digits"]["exact_gate"], gate_row = exact_gate(model_run.model, model_run.sde, x[: args.n_exact],
+                                                               args.ref_tol)
+        rows.append(gate_row)
     if not args.skip28:
         net, sde, weights = mnist_cpu_net(args.run28)
         mnist = load_data("mnist")

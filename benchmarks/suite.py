@@ -14,8 +14,7 @@ import importlib
 import json
 import time
 
-import torch
-from common import HERE, RESULTS, add_common_arguments, machine, print_rows, write_result
+from common import HERE, RESULTS, add_common_arguments, machine, print_rows, set_up_process, write_result
 
 from difftime.io import atomic_write_bytes
 
@@ -57,11 +56,15 @@ def report(suite: dict) -> str:
         from peer_samplers import section
 
         lines += ["", section(found["peer_samplers"], "python benchmarks/suite.py --only peer_samplers").rstrip()]
-    lines += ["", "## Runs", "", "| benchmark | finished | wall | threads | load average |", "|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "The allocator column is the process setting of `difftime.allocator` "
+              "(the `difftime` command applies it too).", "",
+              "| benchmark | finished | wall | threads | allocator | load average |",
+              "|---|---|---|---|---|---|"]
     for name, record in found.items():
         rm = record["machine"]
         lines.append(f"| [`{name}`](benchmarks/{name}.py) | {rm['date']} | {record['wall_s'] / 60:.1f} min | "
-                     f"{rm['threads']} | {', '.join(map(str, rm['load_average']))} |")
+                     f"{rm['threads']} | {rm.get('malloc', 'C library defaults')} | "
+                     f"{', '.join(map(str, rm['load_average']))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -71,7 +74,7 @@ def main() -> None:
     parser.add_argument("--only", help=f"comma list of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from results/*.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_up_process(args)
     chosen = args.only.split(",") if args.only else list(BENCHMARKS)
     unknown = set(chosen) - set(BENCHMARKS)
     if unknown:

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "difftime"
 
 LAYERS: dict[str, int] = {
     # 0: leaves
-    "difftime.errors": 0, "difftime.io": 0, "difftime.rng": 0, "difftime.provenance": 0,
+    "difftime.errors": 0, "difftime.io": 0, "difftime.rng": 0, "difftime.provenance": 0, "difftime.allocator": 0,
     "difftime.distributed": 0,
     # 1: maths and formats
     "difftime.sde": 1, "difftime.scaler": 1, "difftime.config": 1, "difftime.nets": 1, "difftime.data": 1,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from difftime.allocator import retain_freed_memory
 from difftime.errors import DifftimeError
 
 
@@ -608,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    retain_freed_memory()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
