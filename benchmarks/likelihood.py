@@ -149,8 +149,8 @@ def exact_gate(model, sde, x, tol: float) -> tuple[dict, dict]:
               "max_err_bpd": err.max().item()}
     print(f"  exact-divergence gate: {result}", flush=True)
     return result, row("likelihood", f"PF-ODE accuracy gate, {len(x)} digits, exact divergence: largest per-example "
-                       f"absolute bits/dim difference from a float64 dopri5 solve at tol {tol:g}", err.max().item(), 0.002,
-                       "bits/dim", "difftime default tolerance (bosh3 in t, rtol = atol = 1e-5)", "target")
+                       f"absolute bits/dim difference from a float64 dopri5 solve at tol {tol:g}", err.max().item(),
+                       0.002, "bits/dim", "difftime default tolerance (bosh3 in t, rtol = atol = 1e-5)", "target")
 
 
 def compare(name: str, model, sde, x, args, n_label: str) -> tuple[dict, list[dict]]:
