@@ -5,10 +5,10 @@ defaults, glibc's malloc hands the freed top of the heap back to the kernel as s
 128 KiB (M_TRIM_THRESHOLD), so the next call faults the same pages in again. Whether a loop pays
 for this depends on what it happens to keep alive between calls: on the digits U-Net at one
 thread, a forward pass plus VJP wrapped in a function (everything freed at its return) cost 1.15x
-the same calls in a loop that keeps its last output, and a PF-ODE solve, whose other small
-tensors sit between calls, paid the same 15% (issue 16). Keeping freed memory in the process
-removes the difference and makes both about 9% faster; on the 28x28 U-Net, whose activations are
-larger, it changed nothing measurable.
+the same calls in a loop that keeps its last output (a loaded machine, tol 1e-3 solves), and a
+PF-ODE solve's time per call went from 1.10x that loop to 1.03x with this setting (idle machine,
+tol 1e-4; issue 16). On the 28x28 U-Net, whose activations are larger, it changed nothing
+measurable.
 
 This is a process-wide choice, like preloading jemalloc, so the library never makes it on import:
 ``difftime``'s entry point does, and so do the benchmarks. ``DIFFTIME_MALLOC=system`` keeps the C
