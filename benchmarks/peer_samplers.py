@@ -1,4 +1,4 @@
-"""Peer samplers (issue 14): the best few-step sampler from a fitted prior at T < 1 against the best
+"""Peer samplers: the best few-step sampler from a fitted prior at T < 1 against the best
 diffusers scheduler run from T = 1, on the same trained eps-network (the digits preset), at equal NFE.
 
 Ours: difftime from the ``gaussian`` and ``flow`` priors (fitted to p_T with the `difftime
@@ -26,7 +26,7 @@ grid to eps = 1e-3, corrected multistep start) change against diffusers' at the 
 
 Quality: the classifier FD (``quality_metrics(..., ("fd",), reference_split="train")``) against the
 whole digits train split (1,497 images), not the 300-image test split: at n = 300 against 300 test
-images FD is dominated by its own bias (issue 15). The model was trained on that split, so a model
+images FD is dominated by its own bias. The model was trained on that split, so a model
 that memorised it would score well; for a comparison between samplers of one network that is
 harmless. As a yardstick, the 300 test digits score FD ``fd_of_test_images`` against it.
 
@@ -40,7 +40,7 @@ Design, paired by seed (sample i of every method comes from the same generator s
      per-seed differences (FD at n = 300 each) with their 95% t interval over seeds. Choosing the
      winners on seed 0 and scoring them on other seeds keeps the selection (18 candidates against
      7) out of the headline.
-  Target (issue 14): at NFE <= 10, ours' FD at least 20% lower than the best peer's (ratio <= 0.8)
+  Target: at NFE <= 10, ours' FD at least 20% lower than the best peer's (ratio <= 0.8)
   with the interval on the difference excluding zero.
 
     python benchmarks/peer_samplers.py [--run RUN] [--n 300] [--seeds 5] [--nfe 4,6,8,10,15,20]

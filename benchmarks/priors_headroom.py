@@ -1,4 +1,4 @@
-"""Priors that earn their place (issue 18): the headroom per T, and fitted priors against the Gaussian.
+"""Priors that earn their place: the headroom per T, and fitted priors against the Gaussian.
 
 For each T: fit every family with the library's fitting (warm-up + cosine lr, noise-based early
 stopping with lr cuts, 4096 held-out x_T, a wall-time cap), then on FRESH held-out x_T (test split,

@@ -3,7 +3,7 @@
 For one trained run and a list of NFE budgets, every configuration samples n images from the same
 x_T draws (the same seeds; the standard prior at T = train.T) and is scored by the classifier FD
 against a real split. Differences to the chosen default are paired per seed, with a 95% t
-interval over seeds. The "old defaults" row is what `difftime sample` used before issue 17:
+interval over seeds. The "old defaults" row is what `difftime sample` used before these defaults were measured:
 Euler-Maruyama on the uniform-in-t grid down to the training eps (1e-5).
 
     python benchmarks/sampling_defaults.py --run RUN [--weights ema] [--nfe 10,20] [--n 1000] [--seeds 4]

@@ -1,4 +1,4 @@
-"""The allocator setting of the difftime command (difftime.allocator, issue 16)."""
+"""The allocator setting of the difftime command (difftime.allocator)."""
 
 import os
 import platform

@@ -359,6 +359,13 @@ CASES = {
     "cli: wrong output suffix": Case("sample {run} --out {ws}/good.json", "--out must end in .npz"),
     "cli: unknown metric": Case("evaluate {run} --metrics elbo,bogus --out {ws}/good.json", "unknown ['bogus']"),
     "cli: unknown command": Case("frobnicate", "invalid choice: 'frobnicate'"),
+    "cli: unknown headroom family": Case(
+        "evaluate {run} --T 0.5 --headroom nope --out {ws}/good.json", "--headroom: unknown prior family nope"
+    ),
+    "cli: headroom prior not fitted": Case(
+        "evaluate {run} --T 0.5 --headroom flow --out {ws}/good.json", "fit-prior"
+    ),
+    "cli: --grid not a PNG": Case("sample {run} --grid {ws}/g.txt --out {tmp}/s.npz", "--grid writes a PNG image"),
     "cli: unknown sampler": Case(
         "sample {run} --sampler dpm++4m --out {ws}/good.npz",
         "unknown sampler 'dpm++4m'; choose from em, pc, euler, heun, dopri5, ddim, dpm++2m, dpm++3m",

@@ -1,4 +1,4 @@
-"""The headroom diagnostic against Gaussian closed forms (DESIGN §3): with the exact eps* the model's
+"""The headroom diagnostic against Gaussian closed forms (docs/design.md §3): with the exact eps* the model's
 marginal at T is p_T up to KL(p_{T_max} || N) (~1e-5 nats here), so a prior equal to p_T has zero
 headroom and N(0, I) has headroom KL(p_T || N) - KL(p_{T_max} || N)."""
 

@@ -1,37 +1,48 @@
 """The package's import graph: no cycles, and no import from a lower layer into a higher one.
 
 Read statically (every ``import`` and ``from ... import`` anywhere in a module, function-local
-ones included), so a cycle hidden inside a function is caught too. The layer order is
-DESIGN.md §1; a module may import its own layer and the layers below.
+ones included), so a cycle hidden inside a function is caught too. The layer order is the table of
+docs/design.md §1, read from there: a module may import its own layer and the layers below.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "difftime"
-
-LAYERS: dict[str, int] = {
-    # 0: leaves
-    "difftime.errors": 0, "difftime.io": 0, "difftime.rng": 0, "difftime.provenance": 0, "difftime.allocator": 0,
-    "difftime.distributed": 0,
-    # 1: maths and formats
-    "difftime.sde": 1, "difftime.scaler": 1, "difftime.config": 1, "difftime.nets": 1, "difftime.data": 1,
-    "difftime.run": 1, "difftime.gaussian": 1, "difftime.plots": 1,
-    # 2: the method
-    "difftime.training": 2, "difftime.priors": 2, "difftime.sampling": 2, "difftime.likelihood": 2,
-    "difftime.metrics": 2, "difftime.stats": 2,
-    # 3: measurements
-    "difftime.evaluation": 3, "difftime.headroom": 3,
-    # 4: the study
-    "difftime.study": 4,
-    # 5: the interface
-    "difftime.cli": 5, "difftime.importers": 5, "difftime.__main__": 5,
-}
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src" / "difftime"
+DESIGN = REPO / "docs" / "design.md"
 ROOT = "difftime"  # the package root re-exports lazily (by name, no static import) and holds __version__
+
+
+def read_layers(doc: Path) -> tuple[dict[str, int], list[int]]:
+    """The layer table of ``doc``'s section 1: module -> layer, and the layer numbers in row order.
+
+    A row is ``| N | `difftime.a`, `difftime.b` |``; every backticked name in its second column
+    belongs to layer N. Rows of other tables and the header do not match.
+    """
+    section = re.search(r"^## 1\. .*?$(.*?)(?=^## )", doc.read_text(), re.S | re.M)
+    if section is None:
+        raise AssertionError(f"{doc} has no section '## 1. ...' followed by another section")
+    layers: dict[str, int] = {}
+    rows: list[int] = []
+    for line in section.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.lstrip().startswith("|") or len(cells) != 2 or not cells[0].isdigit():
+            continue
+        rows.append(int(cells[0]))
+        for name in re.findall(r"`([^`]+)`", cells[1]):
+            if name in layers:
+                raise AssertionError(f"{doc}: {name} is listed in layer {layers[name]} and layer {cells[0]}")
+            layers[name] = int(cells[0])
+    return layers, rows
+
+
+LAYERS, LAYER_ROWS = read_layers(DESIGN)
 
 
 def module_name(path: Path, src: Path) -> str:
@@ -115,8 +126,26 @@ def test_no_module_imports_a_higher_layer():
     assert upward_imports(GRAPH) == []
 
 
+def test_the_design_table_has_one_row_per_layer_of_difftime_modules():
+    assert LAYER_ROWS == list(range(6)), LAYER_ROWS
+    assert sorted(set(LAYERS.values())) == LAYER_ROWS  # no empty row
+    assert [m for m in LAYERS if not m.startswith(ROOT + ".")] == []
+
+
 def test_every_module_has_a_layer():
     assert [m for m in GRAPH if m != ROOT and layer_of(m) is None] == []
+
+
+def covered(module: str) -> bool:
+    """A module is covered when it or one of its parent packages is listed in the layer table."""
+    parts = module.split(".")
+    return any(".".join(parts[:k]) in LAYERS for k in range(2, len(parts) + 1))
+
+
+def test_every_module_under_src_is_covered_by_the_design_table():
+    modules = sorted({module_name(p, SRC) for p in SRC.rglob("*.py")} - {ROOT})
+    assert modules, SRC
+    assert [m for m in modules if not covered(m)] == []
 
 
 def test_the_root_imports_nothing_of_its_own_at_import_time():

@@ -1,4 +1,4 @@
-"""The ELBO decomposition and PF-ODE likelihood against DESIGN section 3's Gaussian closed forms."""
+"""The ELBO decomposition and PF-ODE likelihood against the Gaussian closed forms of docs/design.md §3."""
 
 from __future__ import annotations
 

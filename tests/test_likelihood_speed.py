@@ -1,8 +1,8 @@
-"""The PF-ODE solve in a smoother variable, per-example error control and truncate mode (issue 16).
+"""The PF-ODE solve in a smoother variable, per-example error control and truncate mode.
 
-Everything is checked against DESIGN section 3's Gaussian closed form: with data N(mu, diag(lam)),
-the exact eps-network and nu = p_T, the PF-ODE log p_eps(x) is the Gaussian log-density of p_eps
-at x, point by point, whatever the horizon T.
+Everything is checked against the Gaussian closed form of docs/design.md §3: with data
+N(mu, diag(lam)), the exact eps-network and nu = p_T, the PF-ODE log p_eps(x) is the Gaussian
+log-density of p_eps at x, point by point, whatever the horizon T.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""ELBO on common random numbers across T, and paired differences, against DESIGN section 3's Gaussian closed forms."""
+"""ELBO on common random numbers across T, and paired differences, against the Gaussian closed forms of
+docs/design.md §3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flow training that uses its budget (issue 18): actnorm data init, the warm-up + cosine schedule,
+"""Flow training that uses its budget: actnorm data init, the warm-up + cosine schedule,
 early stopping against the held-out noise, the time limit and the stored fit curve."""
 
 from __future__ import annotations

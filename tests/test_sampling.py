@@ -1,4 +1,4 @@
-"""Samplers on [eps, T] against the closed-form Gaussian ground truth of DESIGN section 3."""
+"""Samplers on [eps, T] against the closed-form Gaussian ground truth of docs/design.md §3."""
 
 from __future__ import annotations
 

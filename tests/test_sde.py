@@ -147,7 +147,7 @@ def test_vp_closed_forms_by_hand():
     B = 0.1 * T + 0.5 * 19.9 * T**2
     assert scalar(sde.m, T) == pytest.approx(math.exp(-B / 2), rel=1e-14)
     assert scalar(sde.v, T) == pytest.approx(1 - math.exp(-B), rel=1e-14)
-    # DESIGN: for VP at T = 0.4, x_T = 0.44 x_0 + 0.90 z.
+    # docs/design.md §2: for VP at T = 0.4, x_T = 0.44 x_0 + 0.90 z.
     assert scalar(sde.m, T) == pytest.approx(0.44, abs=0.005)
     assert scalar(sde.sigma, T) == pytest.approx(0.90, abs=0.005)
     eps = 1e-5

@@ -1,7 +1,7 @@
-"""Time grids and few-step samplers (issue 14) against closed forms and against diffusers.
+"""Time grids and few-step samplers against closed forms and against diffusers.
 
 The Gaussian checks use data N(mu, diag(lam)) and its exact eps-network
-eps*(x, t) = sigma (x - m mu) / k(t), k = m^2 lam + v (DESIGN section 3). The probability-flow map
+eps*(x, t) = sigma (x - m mu) / k(t), k = m^2 lam + v (docs/design.md §3). The probability-flow map
 is then closed form per coordinate, x_t - m_t mu = sqrt(k(t)/k(T)) (x_T - m_T mu), so every
 deterministic sampler's error at eps is known exactly.
 """

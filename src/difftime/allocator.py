@@ -7,7 +7,7 @@ for this depends on what it happens to keep alive between calls: on the digits U
 thread, a forward pass plus VJP wrapped in a function (everything freed at its return) cost 1.15x
 the same calls in a loop that keeps its last output (a loaded machine, tol 1e-3 solves), and a
 PF-ODE solve's time per call went from 1.10x that loop to 1.03x with this setting (idle machine,
-tol 1e-4; issue 16). On the 28x28 U-Net, whose activations are larger, it changed nothing
+tol 1e-4). On the 28x28 U-Net, whose activations are larger, it changed nothing
 measurable.
 
 This is a process-wide choice, like preloading jemalloc, so the library never makes it on import:

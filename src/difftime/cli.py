@@ -93,7 +93,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         over["sde"] = {"kind": args.sde}
     train = {k: v for k, v in {
         "T": args.T, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-        "weighting": args.weighting,
+        "weighting": args.weighting, "t_distribution": args.t_distribution,
     }.items() if v is not None}
     if args.bf16:
         train["bf16"] = True
@@ -265,6 +265,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise DifftimeError(f"--out must end in .npz, got {out}")
+    if args.grid and Path(args.grid).suffix.lower() != ".png":
+        raise DifftimeError(f"--grid writes a PNG image and must end in .png, got {args.grid}")
     if (args.nfe is None) != (args.study is None):
         raise DifftimeError("--nfe N and --study DIR go together: sample with the study's best configuration "
                             "for N network calls")
@@ -315,6 +317,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 QUALITY_METRICS = ("fid", "fd", "kid", "pr", "mmd", "swd")
 
 
+def _check_headroom_families(families: list[str] | None) -> None:
+    from difftime.priors import PRIOR_FAMILIES
+
+    known = tuple(PRIOR_FAMILIES)
+    unknown = [f for f in families or () if f not in known]
+    if unknown:
+        raise DifftimeError(f"--headroom: unknown prior famil{'y' if len(unknown) == 1 else 'ies'} "
+                            f"{', '.join(unknown)}; choose from {', '.join(known)}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from difftime.data import load_data
     from difftime.evaluation import LIKELIHOOD_METRICS, draw_samples, likelihood_metrics, resolve_prior
@@ -331,10 +343,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix != ".json":
         raise DifftimeError(f"--out must end in .json, got {out}")
+    _check_headroom_families(args.headroom)
     _check_sampler_flags(args)
     run = load_run(args.run, weights=args.weights)
     T, eps = _horizon(run, args.T)
     prior = resolve_prior(run, args.prior, T)
+    # Every prior the headroom needs is loaded now, so a missing fit fails before the likelihood work.
+    headroom_priors = {family: resolve_prior(run, family, T) for family in args.headroom or ()}
     data_spec = run.config["resolved"]["data"]
     result: dict[str, Any] = {"T": T, "eps": eps, "prior": args.prior, "n": args.n}
     likelihood = tuple(m for m in metrics if m in LIKELIHOOD_METRICS)
@@ -350,7 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         # The model's own PF-ODE marginal at T against each prior, on the same held-out x_T.
         result["headroom"] = run_headroom(
-            run, {family: resolve_prior(run, family, T) for family in args.headroom}, T,
+            run, headroom_priors, T,
             load_data(data_spec, seed=run.seed), n=args.headroom_n, seed=args.seed, rtol=args.tol, atol=args.tol,
             divergence=args.divergence)
     quality = [m for m in metrics if m in QUALITY_METRICS]
@@ -489,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, help="total optimizer steps")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=_positive_float)
-    p.add_argument("--weighting", choices=["standard", "likelihood"])
+    p.add_argument("--weighting", choices=["standard", "likelihood", "min-snr", "edm"], help="loss weight w(t)")
+    p.add_argument("--t-distribution", choices=["uniform", "log-snr-normal"], help="the draw of t on [eps, T]")
     p.add_argument("--seed", type=_nonnegative_int)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     p.add_argument("--channels-last", action="store_true")

@@ -13,9 +13,13 @@ from typing import Any
 
 from difftime.errors import DifftimeError
 from difftime.io import read_json_file
+from difftime.nets.precond import PRECONDITIONINGS
 from difftime.sde import sde_from_config
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+# The loss's choices of time distribution and weighting (difftime.training.loss defines them).
+T_DISTRIBUTIONS = ("uniform", "log-snr-normal")
+WEIGHTINGS = ("standard", "likelihood", "min-snr", "edm")
 
 DEFAULTS: dict[str, Any] = {
     "data": "digits",
@@ -25,19 +29,29 @@ DEFAULTS: dict[str, Any] = {
     # "auto" picks a U-Net for images and an MLP for vectors; the resolved net is recorded.
     "net": {"kind": "auto", "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [],
             "mid_attention": True, "dropout": 0.0, "groups": 8, "heads": 1,
-            "hidden": 128, "depth": 3, "time_dim": 64},
+            "hidden": 128, "depth": 3, "time_dim": 64,
+            # "edm": EDM's input/output scaling and skip around the network (nets/precond.py); the
+            # result is still an eps-network. sigma_data is the data std it assumes.
+            "precond": "none", "sigma_data": 0.5},
     "train": {
         "T": 1.0,                # training horizon: t ~ [eps, T]
         "steps": 2000,
         "batch_size": 128,
         "lr": 2e-4,
+        "lr_schedule": "constant",  # after the linear warm-up: "constant" or "cosine" (to 0 at train.steps)
+        "adam_betas": [0.9, 0.999],
         "weight_decay": 0.0,
         "warmup": 100,
         "grad_clip": 1.0,
         "ema_decay": 0.999,
         "ema_warmup": True,      # decay_n = min(ema_decay, (1 + n)/(10 + n)) (training/ema.py); False: constant
-        "weighting": "standard",  # "standard" (lambda = v) or "likelihood" (lambda = g^2)
+        # The loss w(t) ||eps_hat - z||^2 with t ~ p(t) on [eps, T] (training/loss.py):
+        "weighting": "standard",  # w: "standard" (1), "likelihood" (g^2/v), "min-snr", "edm"
         "importance_sampling": True,  # only used with likelihood weighting
+        "t_distribution": "uniform",  # p(t): "uniform" or "log-snr-normal" (log-SNR ~ N(mean, std))
+        "log_snr_mean": 1.2,     # EDM's ln sigma ~ N(-1.2, 1.2) is log-SNR = log(m/s) ~ N(1.2, 1.2)
+        "log_snr_std": 1.2,
+        "min_snr_gamma": 5.0,
         "bf16": False,
         "channels_last": False,
         # Under torchrun: "per-rank" noise streams, or "shared": every rank draws the whole global
@@ -203,10 +217,22 @@ def validate(config: dict[str, Any]) -> None:
         raise DifftimeError(f"train.ema_decay must be in [0, 1), got {tr['ema_decay']}")
     if tr["ddp_noise"] not in ("per-rank", "shared"):
         raise DifftimeError(f"train.ddp_noise must be 'per-rank' or 'shared', got {tr['ddp_noise']!r}")
-    if tr["weighting"] not in ("standard", "likelihood"):
-        raise DifftimeError(
-            f"train.weighting must be 'standard' or 'likelihood', got {tr['weighting']!r}"
-        )
+    if tr["weighting"] not in WEIGHTINGS:
+        raise DifftimeError(f"train.weighting must be one of {', '.join(WEIGHTINGS)}, got {tr['weighting']!r}")
+    if tr["t_distribution"] not in T_DISTRIBUTIONS:
+        raise DifftimeError(f"train.t_distribution must be one of {', '.join(T_DISTRIBUTIONS)}, "
+                            f"got {tr['t_distribution']!r}")
+    if tr["weighting"] == "likelihood" and tr["t_distribution"] != "uniform":
+        raise DifftimeError("train.weighting='likelihood' draws t uniformly or by importance sampling; "
+                            "set train.t_distribution='uniform'")
+    if tr["lr_schedule"] not in ("constant", "cosine"):
+        raise DifftimeError(f"train.lr_schedule must be 'constant' or 'cosine', got {tr['lr_schedule']!r}")
+    betas = tr["adam_betas"]
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise DifftimeError(f"train.adam_betas must be two numbers in [0, 1), got {betas}")
+    for key in ("log_snr_std", "min_snr_gamma"):
+        if not tr[key] > 0:
+            raise DifftimeError(f"train.{key} must be > 0, got {tr[key]}")
     if not 0 <= config["seed"] < 2**63:  # the trainer seeds torch generators with seed + 2
         raise DifftimeError(f"seed must be in [0, 2**63), got {config['seed']}")
     _validate_net(config["net"])
@@ -221,6 +247,10 @@ def _validate_net(net: dict[str, Any]) -> None:
     for key in ("time_dim", "ch"):  # each feeds sin/cos time features, half and half
         if net[key] % 2:
             raise DifftimeError(f"net.{key} must be even, got {net[key]}")
+    if net["precond"] not in PRECONDITIONINGS:
+        raise DifftimeError(f"net.precond must be one of {', '.join(PRECONDITIONINGS)}, got {net['precond']!r}")
+    if not net["sigma_data"] > 0:
+        raise DifftimeError(f"net.sigma_data must be > 0, got {net['sigma_data']}")
     if not 0 <= net["dropout"] < 1:
         raise DifftimeError(f"net.dropout must be in [0, 1), got {net['dropout']}")
     mult = net["ch_mult"]
@@ -260,4 +290,6 @@ def net_config(config: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]
             d *= s
         resolved = {"kind": "mlp", "dim": d}
     resolved.update({k: net[k] for k in _NET_KEYS[kind]})
+    if net["precond"] != "none":  # absent means none, so runs saved before the key resolve as they did
+        resolved.update(precond=net["precond"], sigma_data=net["sigma_data"])
     return resolved

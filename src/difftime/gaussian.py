@@ -32,7 +32,7 @@ class ExactGaussianEps(nn.Module):
     def __init__(self, sde: SDE, mu: Tensor, lam: Tensor, scale: float = 1.0) -> None:
         super().__init__()
         self.sde = sde
-        self.scale = scale  # (1 + delta) in DESIGN's score-gap identity
+        self.scale = scale  # (1 + delta) in the score-gap identity of docs/design.md §3
         self.register_buffer("mu", mu.clone())
         self.register_buffer("lam", lam.clone())
 

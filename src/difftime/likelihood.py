@@ -586,7 +586,7 @@ def ode_flow(
     every variable gives the same log p. On trained image models the network's Fourier time
     features (periods down to 1e-3 in t) make the flow rough at every t, not only stiff near eps:
     there the third-order pair in t needs about a third of the fifth-order pair's evaluations for
-    the same accuracy, and log-SNR gains nothing (measured on the digits model, issue 16).
+    the same accuracy, and log-SNR gains nothing (measured on the digits model).
 
     ``error_control`` "example" (default) gives each example its own step size and error test,
     and examples leave the batch when they reach max(T), so on a CPU, where a call costs in

@@ -210,7 +210,7 @@ def load_run(path: str | Path, weights: str = "ema") -> Run:
     try:
         resolved = config["resolved"]
         sde = sde_from_config(resolved["sde"])
-        model = net_from_config(resolved["net"])
+        model = net_from_config(resolved["net"], sde)
         scaler = Scaler.from_dict(resolved["scaler"])
         shape = tuple(resolved["shape"])
     except DifftimeError as exc:

@@ -12,7 +12,7 @@ and the arguments are ignored) or :func:`timesteps` (sde, T, eps, steps, spacing
 otherwise it returns x_eps. The returned NFE is the exact number of network calls, the Tweedie
 call included.
 
-Notation (DESIGN section 3). The kernel is p(x_t | x_0) = N(m_t x_0, sigma_t^2 I); the log-SNR is
+Notation (docs/design.md §2). The kernel is p(x_t | x_0) = N(m_t x_0, sigma_t^2 I); the log-SNR is
 lambda_t = log(m_t / sigma_t), strictly decreasing in t; sigma_tilde = sigma/m = exp(-lambda) and
 x_tilde = x/m. The network predicts eps_hat(x, t); its data prediction is
 x0_hat(x, t) = (x - sigma_t eps_hat) / m_t.
@@ -96,7 +96,8 @@ from difftime.errors import DifftimeError
 from difftime.sde import SDE, broadcast_to
 
 SPACINGS = ("time", "logsnr", "quadratic", "karras")
-# The defaults of `difftime sample` and friends (issue 17), chosen by measurement; read them from here.
+# The defaults of `difftime sample` and friends, chosen by measurement (benchmarks/sampling_defaults.py);
+# read them from here.
 DEFAULT_SAMPLER = "dpm++2m"
 DEFAULT_SPACING = "logsnr"
 # The sampling end time, separate from the training / likelihood eps (sde.eps): the network is least

@@ -1,9 +1,10 @@
 """Differences of per-example estimates, with standard errors and normal intervals.
 
-A leaf module (torch and math only), so the study, the report and the likelihood code can all
-use it. "Paired" means both estimates were made on the same examples with the same random
-draws (common random numbers), so each example gives one difference and the standard error
-is that of the mean difference: whatever the two estimates share cancels example by example.
+It imports nothing of difftime (torch and math only) and sits in layer 2 of docs/design.md §1, so
+the likelihood code beside it, the measurements and the study can all use it. "Paired" means both
+estimates were made on the same examples with the same random draws (common random numbers), so
+each example gives one difference and the standard error is that of the mean difference: whatever
+the two estimates share cancels example by example.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ KL-best Gaussian), ``flow`` (a zuko flow based at that Gaussian) and ``glow`` (a
 Glow for images, based at the full (ZCA) Gaussian up to 4096 dimensions). Build one with :func:`make_prior`, fit it
 with :func:`fit_prior`, store it with :func:`save_prior` / :func:`load_prior`.
 
-Measured (issue 18, docs/priors-headroom; VP, 1 CPU thread on a shared 2-core machine): held-out
+Measured (docs/priors-headroom; VP, 1 CPU thread on a shared 2-core machine): held-out
 NLL of x_T on fresh noise, fitted prior minus the moment-matched Gaussian, nats per example, with
 95% paired intervals (MAF 3x128 on PCA coordinates; Glow 2 levels x 3 steps, width 32, full base):
 

@@ -5,7 +5,7 @@ x_T = m(T) x0 + sigma(T) z uses new noise, so the prior sees the marginal rather
 sample. The held-out NLL uses a FIXED set of x_T built from the test split with fixed noise, so
 numbers from different priors, or different evaluations of one prior, are directly comparable.
 
-Training uses its budget (issue 18): a data-dependent initialisation for priors that have one
+Training uses its budget: a data-dependent initialisation for priors that have one
 (Glow's actnorms, ``data_init``) on top of the warm start at the moment-matched Gaussian; a
 learning rate that warms up linearly and then decays on a cosine to zero at ``steps``; and early
 stopping against the measured noise of the held-out NLL: only an evaluation worse than the best

@@ -104,7 +104,7 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     samplers = s["samplers"]
     floor = data_floor(summary.get("data_floor"))
     paired = summary.get("likelihood_paired", {})
-    # Continuous data has no bits/dim: its likelihoods are shown in nats per example (DESIGN §3).
+    # Continuous data has no bits/dim: its likelihoods are shown in nats per example (docs/design.md §6).
     continuous = cells[0]["likelihood"]["levels"] is None
     unit, short = ("nats/example", "nats") if continuous else ("bits/dim", "bpd")
     scale = cells[0]["likelihood"]["dim"] * math.log(2) if continuous else 1.0

@@ -34,7 +34,7 @@ from difftime.run import (
 )
 from difftime.sde import sde_from_config
 from difftime.training.ema import ema_update, initial_weight_share
-from difftime.training.loss import dsm_loss, sample_time
+from difftime.training.loss import dsm_loss, lr_factor, sample_time
 
 
 class Trainer:
@@ -66,7 +66,7 @@ class Trainer:
         self.net_config = net_config(config, dataset.shape)
         seed = config["seed"]
         torch.manual_seed(seed)
-        self.model = net_from_config(self.net_config).to(self.device)
+        self.model = net_from_config(self.net_config, self.sde).to(self.device)
         if tr["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.rank, self.world = distributed.rank(), distributed.world_size()
@@ -82,7 +82,7 @@ class Trainer:
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(tr["ema_decay"], tr["ema_warmup"]),
                                  use_buffers=True)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"]
+            self.model.parameters(), lr=tr["lr"], betas=tuple(tr["adam_betas"]), weight_decay=tr["weight_decay"]
         )
         self.data_gen = torch.Generator().manual_seed(seed + 1)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed(self.rank))
@@ -102,7 +102,7 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        return self.tr["lr"] * min(1.0, (step + 1) / max(1, self.tr["warmup"]))
+        return self.tr["lr"] * lr_factor(step, self.tr["steps"], self.tr["warmup"], self.tr["lr_schedule"])
 
     def next_batch(self) -> Tensor:
         bs = min(self.tr["batch_size"], len(self.train_data))
@@ -122,9 +122,12 @@ class Trainer:
         """One step; with a non-finite loss or gradient norm the model, EMA and optimizer stay as they were."""
         x0 = self.next_batch()
         draws = len(x0) * (self.world if self.shared_noise else 1)
+        tr = self.tr
         t, weight = sample_time(
-            self.sde, draws, self.T, self.eps, self.tr["weighting"],
-            self.tr["importance_sampling"], self.noise_gen, self.device,
+            self.sde, draws, self.T, self.eps, tr["weighting"], tr["importance_sampling"], self.noise_gen,
+            self.device, t_distribution=tr["t_distribution"], log_snr_mean=tr["log_snr_mean"],
+            log_snr_std=tr["log_snr_std"], min_snr_gamma=tr["min_snr_gamma"],
+            sigma_data=self.config["net"]["sigma_data"],
         )
         z = None
         if self.shared_noise:
