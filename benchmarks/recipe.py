@@ -6,7 +6,7 @@ training wall seconds at each checkpoint; recipes that keep the network keep the
 so equal steps are equal wall time (the records show it). ``score`` scores checkpoints the way
 the issue asks, always on the same images and draws:
 
-- classifier KID (x 1e3) of 2000 samples against the test split, with its bootstrap se;
+- classifier KID of 2000 samples against the test split (the study's units), with its bootstrap se;
 - Inception FID of the first 1000 samples against 1000 test images, beside the real-data floor
   (1000 training images against the same 1000 test images, same extractor);
 - dpm++2m at 10 and 20 NFE from T = 1 with the standard prior (the same x_T seeds, so the
@@ -190,7 +190,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         scores[key] = rec
         atomic_write_bytes(path, json.dumps(scores, indent=1).encode())
         q = rec["nfe10"]
-        print(f"{run_dir.name} step {step}: KID {1e3 * q['kid']['value']:.2f} +- {1e3 * q['kid']['se']:.2f}, "
+        print(f"{run_dir.name} step {step}: KID {q['kid']['value']:.2f} +- {q['kid']['se']:.2f}, "
               f"FID {q['fid']['value']:.2f}" + (f", NLL {rec['nll']['bpd']:.4f}" if "nll" in rec else ""), flush=True)
 
 
@@ -222,10 +222,10 @@ def cmd_report(args: argparse.Namespace) -> None:
                             "config": read_json_file(r / "config.json", "run config")["config"]}
     lines = ["# Training recipes for the 28x28 model at equal wall-clock budget", "",
              f"Real-data floor at the same n (1000 training images against the same 1000 test images): "
-             f"Inception FID {_fmt(floor['fid'])}; classifier KID x 1e3 of 2000 training images: "
-             f"{_fmt(floor['kid'], 1e3)}.", "",
+             f"Inception FID {_fmt(floor['fid'])}; classifier KID of 2000 training images: "
+             f"{_fmt(floor['kid'])}.", "",
              "All samples: dpm++2m from T = 1 with the standard prior, the same x_T seeds for every row "
-             "(bf16 network). KID x 1e3 on 2000 samples against the test split; FID on the first 1000 against "
+             "(bf16 network). Classifier KID (the study's units) on 2000 samples against the test split; FID on the first 1000 against "
              "1000 test images.", "",
              "| recipe | step | train min | KID, NFE 10 | FID, NFE 10 | FID, NFE 20 | FID 20 minus 10 "
              "| PF-ODE bits/dim |",
@@ -237,7 +237,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             n20 = sc.get("nfe20")
             diff = sc.get("fid_nfe_difference")
             nll = sc.get("nll")
-            lines.append(f"| {name} | {key} | {sc['train_wall_s'] / 60:.1f} | {_fmt(sc['nfe10']['kid'], 1e3)} | "
+            lines.append(f"| {name} | {key} | {sc['train_wall_s'] / 60:.1f} | {_fmt(sc['nfe10']['kid'])} | "
                          f"{_fmt(sc['nfe10']['fid'])} | {_fmt(n20['fid']) if n20 else '-'} | "
                          f"{_interval(diff) if diff else '-'} | "
                          f"{_nll_text(nll)} |")
@@ -261,15 +261,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     for name, rec in runs.items():
         keys = sorted(rec["scores"], key=int)
         minutes = [rec["scores"][k]["train_wall_s"] / 60 for k in keys]
-        for ax, metric, scale in ((ax_fid, "fid", 1.0), (ax_kid, "kid", 1e3)):
+        for ax, metric, scale in ((ax_fid, "fid", 1.0), (ax_kid, "kid", 1.0)):
             vals = [scale * rec["scores"][k]["nfe10"][metric]["value"] for k in keys]
             ses = [scale * (rec["scores"][k]["nfe10"][metric].get("se") or 0) for k in keys]
             ax.errorbar(minutes, vals, yerr=ses, marker="o", label=name, capsize=3)
     ax_fid.axhline(floor["fid"]["value"], color="k", ls="--", label="real data (same n)")
-    ax_kid.axhline(1e3 * floor["kid"]["value"], color="k", ls="--", label="real data")
+    ax_kid.axhline(floor["kid"]["value"], color="k", ls="--", label="real data")
     ax_fid.set(xlabel="training wall minutes", ylabel="Inception FID (1000 vs 1000)", yscale="log",
                title="dpm++2m, 10 NFE, T = 1")
-    ax_kid.set(xlabel="training wall minutes", ylabel="classifier KID x 1e3 (2000)", yscale="symlog",
+    ax_kid.set(xlabel="training wall minutes", ylabel="classifier KID (2000 samples)", yscale="symlog",
                title="dpm++2m, 10 NFE, T = 1")
     ax_fid.legend()
     fig.tight_layout()

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from difftime.gaussian import ExactGaussianEps, GaussianMarginal
 from difftime.headroom import headroom_table, model_marginal_log_prob, prior_headroom
 from difftime.sde import VPSDE
+from difftime.testing import ExactGaussianEps, GaussianMarginal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from difftime.gaussian import ExactGaussianEps, GaussianMarginal, gaussian_log_density, marginal_moments
 from difftime.likelihood import bits_per_dim, elbo, ode_log_likelihood
 from difftime.sde import VESDE, VPSDE
+from difftime.testing import ExactGaussianEps, GaussianMarginal, gaussian_log_density, marginal_moments
 
 MU = torch.tensor([0.5, -0.3, 0.1], dtype=torch.float64)
 LAM = torch.tensor([0.04, 0.25, 0.6], dtype=torch.float64)

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from difftime.gaussian import ExactGaussianEps, GaussianMarginal, gaussian_log_density, marginal_moments
 from difftime.likelihood import ode_flow, ode_log_likelihood
 from difftime.sde import VESDE, VPSDE, SubVPSDE
+from difftime.testing import ExactGaussianEps, GaussianMarginal, gaussian_log_density, marginal_moments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

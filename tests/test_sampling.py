@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import CountingModel
-from difftime.gaussian import ExactGaussianEps, GaussianMarginal
 from difftime.priors import GaussianPrior
 from difftime.sampling import SAMPLERS, time_grid
 from difftime.sde import VESDE, VPSDE
+from difftime.testing import ExactGaussianEps, GaussianMarginal
 
 MU = torch.tensor([0.6, -0.4], dtype=torch.float64)
 LAM = torch.tensor([0.05, 0.3], dtype=torch.float64)

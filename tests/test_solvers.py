@@ -15,7 +15,6 @@ import torch
 
 from conftest import CountingModel
 from difftime.errors import DifftimeError
-from difftime.gaussian import ExactGaussianEps, GaussianMarginal
 from difftime.sampling import (
     IPNDM_COEFFICIENTS,
     SAMPLERS,
@@ -25,6 +24,7 @@ from difftime.sampling import (
     timesteps,
 )
 from difftime.sde import VESDE, VPSDE, SubVPSDE
+from difftime.testing import ExactGaussianEps, GaussianMarginal
 
 F64 = torch.float64
 MU = torch.tensor([0.6, -0.4, 1.0, 0.0], dtype=F64)

@@ -10,10 +10,10 @@ from scipy.integrate import quad
 
 from difftime.config import build_config
 from difftime.data import gaussian_params, load_data
-from difftime.gaussian import ExactGaussianEps
 from difftime.nets import MLP, UNet
 from difftime.run import load_run
 from difftime.sde import VESDE, VPSDE, SubVPSDE
+from difftime.testing import ExactGaussianEps
 from difftime.training import Trainer, dsm_loss, sample_time
 
 TINY_UNET = {"kind": "unet", "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False}

@@ -190,22 +190,11 @@ def _fit_prior(args: argparse.Namespace) -> int:
 
 
 def _sampler_options(args: argparse.Namespace, run) -> tuple[str, str, float, dict[str, Any]]:
-    """(sampler, spacing, eps, sampler options) of ``sample`` / ``evaluate`` from their flags.
+    """(sampler, spacing, eps, sampler options) of ``sample`` / ``evaluate`` from their flags; unset
+    flags take the library's defaults (``difftime.evaluation.sampling_defaults``)."""
+    from difftime.evaluation import sampling_defaults
 
-    Unset flags take the library's defaults (difftime.sampling): DEFAULT_SAMPLER, DEFAULT_SPACING for
-    the samplers whose own grid is not uniform in t (the classic ones keep theirs unless --spacing is
-    given), and the sampling end time max(DEFAULT_SAMPLE_EPS, the run's eps).
-    """
-    import inspect
-
-    from difftime.sampling import DEFAULT_SAMPLE_EPS, DEFAULT_SAMPLER, DEFAULT_SPACING, SPACINGS, check_sampler
-
-    sampler = args.sampler if args.sampler is not None else DEFAULT_SAMPLER
-    own = inspect.signature(check_sampler(sampler)).parameters["spacing"].default
-    if args.spacing is not None and args.spacing not in SPACINGS:
-        raise DifftimeError(f"unknown spacing {args.spacing!r}; choose from {', '.join(SPACINGS)}")
-    spacing = args.spacing if args.spacing is not None else own if own == "time" else DEFAULT_SPACING
-    eps = args.eps if args.eps is not None else max(DEFAULT_SAMPLE_EPS, run.sde.eps)
+    sampler, spacing, eps = sampling_defaults(args.sampler, args.spacing, args.eps, run.sde.eps)
     options: dict[str, Any] = {"spacing": spacing, "denoise": not args.no_denoise}
     if sampler == "pc":
         options["snr"] = args.snr
@@ -214,18 +203,17 @@ def _sampler_options(args: argparse.Namespace, run) -> tuple[str, str, float, di
 
 def _check_sampler_flags(args: argparse.Namespace) -> None:
     """Unknown sampler or spacing: one line with the choices, before any run is loaded."""
-    from difftime.sampling import SPACINGS, check_sampler
+    from difftime.sampling import check_sampler, check_spacing
 
     if args.sampler is not None:
         check_sampler(args.sampler)
-    if args.spacing is not None and args.spacing not in SPACINGS:
-        raise DifftimeError(f"unknown spacing {args.spacing!r}; choose from {', '.join(SPACINGS)}")
+    if args.spacing is not None:
+        check_spacing(args.spacing)
 
 
 def _frontier_choice(args: argparse.Namespace, run) -> dict[str, Any]:
     """The configuration the study in --study found best for --nfe, checked against RUN."""
-    from difftime.io import read_json_file
-    from difftime.study import run_identity
+    from difftime.study import frontier_choice
 
     given = [flag for flag, value in (("--T", args.T), ("--prior", args.prior), ("--sampler", args.sampler),
                                       ("--spacing", args.spacing), ("--eps", args.eps), ("--steps", args.steps),
@@ -234,23 +222,7 @@ def _frontier_choice(args: argparse.Namespace, run) -> dict[str, Any]:
     if given:
         raise DifftimeError(f"--nfe takes T, prior, sampler, steps, spacing and eps from the study; drop "
                             f"{', '.join(given)}")
-    path = Path(args.study) / "frontier.json"
-    if not path.is_file():
-        raise DifftimeError(f"{args.study} has no frontier.json; run `difftime study` there (with "
-                            "study.frontier_samplers) first")
-    record = read_json_file(path, "study frontier")
-    entries = [e for e in record.get("frontier", []) if isinstance(e, dict) and e.get("choice")]
-    fits = [e for e in entries if e["budget"] <= args.nfe]
-    if not fits:
-        budgets = ", ".join(str(e["budget"]) for e in entries) or "none"
-        raise DifftimeError(f"{path} has no NFE budget <= {args.nfe} (its budgets: {budgets})")
-    entry = max(fits, key=lambda e: e["budget"])
-    chosen = entry[entry["choice"]]
-    if chosen.get("run_identity") and run_identity(run.config, run.step) != chosen["run_identity"]:
-        raise DifftimeError(f"{run.path} is not the run the study measured ({chosen.get('run')}, step "
-                            f"{chosen['run_identity']['step']}); sample that run, or rerun the study on this one")
-    return {"budget": entry["budget"], "side": entry["choice"], "metric": record.get("metric"), **chosen,
-            "reference": entry.get("reference")}
+    return frontier_choice(args.study, args.nfe, run)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -329,7 +301,13 @@ def _check_headroom_families(families: list[str] | None) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from difftime.data import load_data
-    from difftime.evaluation import LIKELIHOOD_METRICS, draw_samples, likelihood_metrics, resolve_prior
+    from difftime.evaluation import (
+        LIKELIHOOD_METRICS,
+        draw_samples,
+        evaluation_table,
+        likelihood_metrics,
+        resolve_prior,
+    )
     from difftime.io import save_json
     from difftime.provenance import versions
     from difftime.run import load_run
@@ -385,7 +363,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result.update({"run": str(run.path), "split": args.split, "seed": args.seed, "weights": args.weights,
                    "run_config": run.config["config"], "resolved": run.config["resolved"], "step": run.step,
                    "versions": versions()})
-    print(_likelihood_table(result))
+    print(evaluation_table(result))
     if "headroom" in result:
         from difftime.headroom import headroom_table
 
@@ -440,34 +418,6 @@ def cmd_study(args: argparse.Namespace) -> int:
     print(json.dumps({"study": str(study.out), "report": str(study.out / "report.md"), "cells": summary["n_cells"],
                       "wall_s": round(time.perf_counter() - start, 1)}))
     return 0
-
-
-def _likelihood_table(r: dict[str, Any]) -> str:
-    rows = [f"T={r['T']:g}  eps={r['eps']:g}  prior={r['prior']}  n={r['n']}"
-            f"  dequant repeats={r.get('dequant_repeats', '-')}"]
-    if "elbo" in r:
-        e = r["elbo"]
-        rows.append(f"  ELBO bits/dim   {e['bpd']:8.4f} +- {e['bpd_se']:.4f}   = prior {e['prior_bpd']:.4f}"
-                    f" + score {e['score_bpd']:.4f} + constant {e['constant_bpd']:.4f}"
-                    f" + dequantization {e['dequantization_bpd']:.4f}")
-    if "nll" in r:
-        q = r["nll"]
-        rows.append(f"  PF-ODE bits/dim {q['bpd']:8.4f} +- {q['bpd_se']:.4f}   (mean NFE {q['nfe_mean']:.0f},"
-                    f" tol {q['rtol']:g})")
-    if "prior_improvement" in r:
-        p = r["prior_improvement"]
-        rows.append(f"  prior improvement E log nu - E log N = {p['nats']:.3f} +- {p['se']:.3f} nats"
-                    f" (a lower bound on KL(p_T || N))")
-    if "quality" in r:
-        s = r["sampling"]
-        rows.append(f"  samples: n={s['n']}  sampler={s['sampler']}  NFE={s['nfe']}  wall {s['wall_s']:.1f} s")
-        for name, value in r["quality"].items():
-            if isinstance(value, dict) and name in QUALITY_METRICS:
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in value.items()
-                                  if isinstance(v, float) and k in ("value", "std", "se", "precision", "recall"))
-                rows.append(f"  {name:4s} {shown}  (reference: {r['quality'].get('reference_split')} split,"
-                            f" n={r['quality'].get('n_reference')})")
-    return "\n".join(rows)
 
 
 def _comma_list_or_none(text: str) -> list[str]:

@@ -22,8 +22,15 @@ from difftime.likelihood import bits_per_dim, elbo_across_T, full_precision, ode
 from difftime.priors import StandardPrior, load_prior, prior_dir
 from difftime.rng import stream_seed
 from difftime.run import Run
-from difftime.sampling import sample
-from difftime.stats import Difference, paired_difference
+from difftime.sampling import (
+    DEFAULT_SAMPLE_EPS,
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    check_spacing,
+    default_spacing,
+    sample,
+)
+from difftime.stats import Difference, mean_se, paired_difference
 
 LIKELIHOOD_METRICS = ("elbo", "nll")
 SAMPLE_PRECISIONS = ("fp32", "bf16")
@@ -103,11 +110,19 @@ class _Shaped:
         return self.prior.sample(n, generator=generator).reshape(n, *self.shape).float()
 
 
-def _summary(values: Tensor) -> tuple[float, float]:
-    """Mean and standard error over the first axis."""
-    values = values.double()
-    se = values.std(correction=1).item() / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return values.mean().item(), se
+def sampling_defaults(sampler: str | None, spacing: str | None, eps: float | None,
+                      sde_eps: float) -> tuple[str, str, float]:
+    """(sampler, spacing, eps) of a run's samples, the unset ones (None) at the library's defaults
+    (difftime.sampling): DEFAULT_SAMPLER; DEFAULT_SPACING for the samplers whose own grid is not
+    uniform in t (the classic ones keep theirs unless a spacing is given); and the sampling end time
+    max(DEFAULT_SAMPLE_EPS, ``sde_eps``), ``sde_eps`` being the run's (training and likelihood) eps."""
+    sampler = sampler if sampler is not None else DEFAULT_SAMPLER
+    own = default_spacing(sampler)
+    if spacing is not None:
+        check_spacing(spacing)
+    spacing = spacing if spacing is not None else own if own == "time" else DEFAULT_SPACING
+    eps = eps if eps is not None else max(DEFAULT_SAMPLE_EPS, sde_eps)
+    return sampler, spacing, eps
 
 
 @full_precision
@@ -307,27 +322,59 @@ def _likelihood_summary(per_metric: dict[str, list[Tensor]], nfes: list[float], 
                               "dim": d, "levels": levels, "a": a}
     if "elbo" in metrics:
         total = per_example("elbo")
-        bpd, bpd_se = _summary(to_bits(total))
+        bpd, bpd_se = mean_se(to_bits(total))
         result["elbo"] = {
-            "bpd": bpd, "bpd_se": bpd_se, "nats": _summary(total)[0],
+            "bpd": bpd, "bpd_se": bpd_se, "nats": mean_se(total)[0],
             # Additive contributions to the bits/dim: prior + score + constant + dequantization = bpd.
-            "prior_bpd": _summary(to_bits(per_example("prior"), offset=False))[0],
-            "score_bpd": _summary(-to_bits(per_example("score"), offset=False))[0],
-            "constant_bpd": _summary(to_bits(per_example("constant"), offset=False))[0],
+            "prior_bpd": mean_se(to_bits(per_example("prior"), offset=False))[0],
+            "score_bpd": mean_se(-to_bits(per_example("score"), offset=False))[0],
+            "constant_bpd": mean_se(to_bits(per_example("constant"), offset=False))[0],
             "dequantization_bpd": float(bits_per_dim(0.0, d, levels, a)),
-            "prior_nats": _summary(per_example("prior"))[0],
-            "score_nats": _summary(per_example("score"))[0],
-            "constant_nats": _summary(per_example("constant"))[0],
+            "prior_nats": mean_se(per_example("prior"))[0],
+            "score_nats": mean_se(per_example("score"))[0],
+            "constant_nats": mean_se(per_example("constant"))[0],
             "n_t": settings["n_t"], "n_prior": settings["n_prior"], "design": settings["design"],
         }
         if per_metric["improvement"]:
-            mean, se = _summary(per_example("improvement"))
+            mean, se = mean_se(per_example("improvement"))
             result["prior_improvement"] = {"nats": mean, "se": se, "bpd": mean / (d * math.log(2)),
                                            "meaning": "E log nu(x_T) - E log N(x_T): a lower bound on KL(p_T||N)"}
     if "nll" in metrics:
         logp = per_example("nll")
-        bpd, bpd_se = _summary(to_bits(logp))
-        result["nll"] = {"bpd": bpd, "bpd_se": bpd_se, "nats": -_summary(logp)[0], "n": n_nll,
+        bpd, bpd_se = mean_se(to_bits(logp))
+        result["nll"] = {"bpd": bpd, "bpd_se": bpd_se, "nats": -mean_se(logp)[0], "n": n_nll,
                          "nfe_mean": sum(nfes) / len(nfes), "rtol": settings["rtol"], "atol": settings["atol"],
                          "divergence": settings["divergence"], "one_solve": settings["one_solve"]}
     return result
+
+
+def evaluation_table(r: dict[str, Any]) -> str:
+    """The text table ``difftime evaluate`` prints for one result: its likelihoods in bits/dim, the prior
+    improvement and the sample quality, each with its standard error where it has one."""
+    rows = [f"T={r['T']:g}  eps={r['eps']:g}  prior={r['prior']}  n={r['n']}"
+            f"  dequant repeats={r.get('dequant_repeats', '-')}"]
+    if "elbo" in r:
+        e = r["elbo"]
+        rows.append(f"  ELBO bits/dim   {e['bpd']:8.4f} +- {e['bpd_se']:.4f}   = prior {e['prior_bpd']:.4f}"
+                    f" + score {e['score_bpd']:.4f} + constant {e['constant_bpd']:.4f}"
+                    f" + dequantization {e['dequantization_bpd']:.4f}")
+    if "nll" in r:
+        q = r["nll"]
+        rows.append(f"  PF-ODE bits/dim {q['bpd']:8.4f} +- {q['bpd_se']:.4f}   (mean NFE {q['nfe_mean']:.0f},"
+                    f" tol {q['rtol']:g})")
+    if "prior_improvement" in r:
+        p = r["prior_improvement"]
+        rows.append(f"  prior improvement E log nu - E log N = {p['nats']:.3f} +- {p['se']:.3f} nats"
+                    f" (a lower bound on KL(p_T || N))")
+    if "quality" in r:
+        from difftime.metrics import METRICS
+
+        s = r["sampling"]
+        rows.append(f"  samples: n={s['n']}  sampler={s['sampler']}  NFE={s['nfe']}  wall {s['wall_s']:.1f} s")
+        for name, value in r["quality"].items():
+            if isinstance(value, dict) and name in METRICS:
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in value.items()
+                                  if isinstance(v, float) and k in ("value", "std", "se", "precision", "recall"))
+                rows.append(f"  {name:4s} {shown}  (reference: {r['quality'].get('reference_split')} split,"
+                            f" n={r['quality'].get('n_reference')})")
+    return "\n".join(rows)

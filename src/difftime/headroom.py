@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from difftime.errors import DifftimeError
 from difftime.likelihood import full_precision, ode_log_likelihood
+from difftime.ode import resolve_divergence
 from difftime.priors import StandardPrior, heldout_set
 from difftime.run import Run
 from difftime.sde import SDE
-from difftime.stats import paired_difference
+from difftime.stats import mean_se, paired_difference
 
 HEADROOM_SEED_OFFSET = 1  # x_T noise other than the fit's early-stopping set (fit_prior uses seed + 0)
 
@@ -75,9 +76,8 @@ def model_marginal_log_prob(
 
 def _ce(values: Tensor) -> dict[str, float]:
     """Cross-entropy -mean(log q) with its standard error over examples (nats)."""
-    n = len(values)
-    se = float(values.std(correction=1)) / math.sqrt(n) if n > 1 else math.nan
-    return {"nats": float(-values.mean()), "se": se}
+    mean, se = mean_se(values)
+    return {"nats": -mean, "se": se}
 
 
 def _per_dim(diff: dict[str, Any], d: int) -> dict[str, Any]:
@@ -130,7 +130,7 @@ def prior_headroom(
     result: dict[str, Any] = {
         "T": T, "n": len(x_T), "dim": d, "level": level,
         "model": {"cross_entropy": _ce(log_model), "nfe": nfe, "wall_s": wall, "rtol": rtol, "atol": atol,
-                  "divergence": divergence if divergence != "auto" else ("exact" if d <= 16 else "hutchinson"),
+                  "divergence": resolve_divergence(divergence, d),
                   "n_probes": n_probes},
         "priors": {},
     }

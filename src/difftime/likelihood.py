@@ -18,8 +18,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from difftime.ode import DIVERGENCES, ERROR_CONTROLS, ODE_METHODS, ODEOptions, resolve_divergence, solve_rk
 from difftime.sde import SDE
-from difftime.stats import Difference, paired_difference
+from difftime.stats import Difference, paired_difference, row_standard_errors
 
 F = TypeVar("F", bound=Callable)
 
@@ -111,13 +112,6 @@ def _elbo_constant(sde: SDE, T: float, eps: float, d: int) -> float:
     return 0.5 * d * math.log(v[1] / v[0])
 
 
-def _mc_se(draws: Tensor) -> Tensor:
-    """sd/sqrt(n) over the last dimension (nan for one draw); for stratified draws an upper bound."""
-    if draws.shape[-1] < 2:
-        return torch.full(draws.shape[:-1], math.nan, dtype=torch.float64, device=draws.device)
-    return draws.std(-1, correction=1) / math.sqrt(draws.shape[-1])
-
-
 @full_precision
 def elbo(
     model: nn.Module,
@@ -157,7 +151,7 @@ def elbo(
     score = score_draws.mean(1) + 0.5 * d * Z
     constant = torch.full_like(prior_term, _elbo_constant(sde, T, eps, d))
     total = prior_term - score + constant
-    prior_se, score_se = _mc_se(prior_draws), _mc_se(score_draws)
+    prior_se, score_se = row_standard_errors(prior_draws), row_standard_errors(score_draws)
     return ElboTerms(prior=prior_term, score=score, constant=constant, total=total,
                      prior_se=prior_se, score_se=score_se,
                      total_se=(prior_se**2 + score_se**2).sqrt())
@@ -201,7 +195,7 @@ class ElboAcrossT:
         ``prior_draws_across_T`` on the generator state this estimate started from, so the new
         prior sees the same x_T draws and the score term (the network calls) is reused."""
         prior_term = prior_draws.mean(-1)
-        prior_se = _mc_se(prior_draws)
+        prior_se = row_standard_errors(prior_draws)
         return replace(self, prior=prior_term, total=prior_term - self.score + self.constant, prior_se=prior_se,
                        total_se=(prior_se**2 + self.score_se**2).sqrt())
 
@@ -296,7 +290,7 @@ def elbo_across_T(
     constant = torch.tensor([_elbo_constant(sde, T, eps, d) for T in grid], dtype=torch.float64,
                             device=x.device)[:, None].expand(-1, B)
     total = prior_term - score + constant
-    prior_se, score_se = _mc_se(prior_draws), _mc_se(score_draws)
+    prior_se, score_se = row_standard_errors(prior_draws), row_standard_errors(score_draws)
     return ElboAcrossT(Ts=grid, design=design, prior=prior_term, score=score, constant=constant.clone(), total=total,
                        prior_se=prior_se, score_se=score_se, total_se=(prior_se**2 + score_se**2).sqrt())
 
@@ -325,36 +319,6 @@ def _divergence_exact(f: Tensor, x: Tensor, max_rows: int = 1024) -> Tensor:
 # --- the probability-flow ODE -------------------------------------------------------------------
 
 ODE_VARIABLES = ("logsnr", "t", "log_sigma")
-ERROR_CONTROLS = ("example", "batch")
-_MAX_STEPS = 100_000
-
-# Embedded explicit Runge-Kutta pairs with the first-same-as-last property: nodes c, stage rows
-# (the last row is the higher-order solution, evaluated as the last stage and reused as the next
-# step's first), the higher-order weights minus the embedded ones, and the order that sets the
-# step-size exponent. Bogacki-Shampine 3(2) costs 3 network calls a step, Dormand-Prince 5(4) 6.
-_TABLEAUS: dict[str, tuple[tuple, tuple, tuple, int]] = {
-    "bosh3": (
-        (0.0, 1 / 2, 3 / 4, 1.0),
-        ((), (1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
-        (-5 / 72, 1 / 12, 1 / 9, -1 / 8),
-        3,
-    ),
-    "dopri5": (
-        (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
-        (
-            (),
-            (1 / 5,),
-            (3 / 40, 9 / 40),
-            (44 / 45, -56 / 15, 32 / 9),
-            (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-            (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-            (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-        ),
-        (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40),
-        5,
-    ),
-}
-ODE_METHODS = tuple(_TABLEAUS)
 
 
 def _t_from_log_sigma(sde: SDE, u: Tensor) -> Tensor:
@@ -437,103 +401,6 @@ def _eps_and_divergence(model: nn.Module, x: Tensor, t: Tensor, divergence: str,
     return eps_hat.detach(), div.detach()
 
 
-def _tolerance_scale(old: Tensor, new: Tensor, rtol: float, atol: float) -> Tensor:
-    """atol + rtol |y| for x, per element; for the log-det, a sum of d per-dimension terms,
-    d atol + rtol |log-det|, so that both tolerances mean the same thing per dimension (bits/dim)."""
-    scale = atol + rtol * torch.maximum(old.abs(), new.abs())
-    scale[:, -1] += (old.shape[1] - 2) * atol
-    return scale
-
-
-def _error_norm(y: Tensor) -> Tensor:
-    """Per row: max(RMS over x, |log-det|) of y measured in tolerance scales, in float64."""
-    q = y.square()
-    return torch.maximum(q[:, :-1].mean(1), q[:, -1]).sqrt().to(torch.float64)
-
-
-def _solve_rk(field: Callable, z0: Tensor, s0: float, stops: Tensor, rtol: float, atol: float,
-              per_example: bool, method: str) -> tuple[Tensor, int]:
-    """An embedded Runge-Kutta pair (``method``) from s0 through the increasing ``stops`` (float64)
-    for each row of z0 (n, d + 1): x flattened, then the log-det.
-
-    ``field(s, z, rows)`` returns dz/ds for the rows ``rows`` of the batch at their own s (float64).
-    Each row has its own step size, accepts or rejects on its own error (``per_example``), lands
-    exactly on every stop and leaves the batch after the last, so a network call only ever
-    evaluates rows still running. With ``per_example`` False the batch shares one step, set by the
-    worst row. Returns z at every stop (len(stops), n, d + 1) and the number of field calls.
-    """
-    nodes, stage_rows, error_row, order = _TABLEAUS[method]
-    n_stages = len(nodes)
-    n, width = z0.shape
-    dtype = z0.dtype
-    out = z0.new_empty((len(stops), n, width))
-    rows = torch.arange(n, device=z0.device)
-    s = torch.full((n,), float(s0), dtype=torch.float64, device=z0.device)
-    nxt = torch.zeros(n, dtype=torch.long, device=z0.device)
-    z = z0
-    c = torch.tensor(nodes[1:], dtype=torch.float64, device=z0.device)[:, None]
-    a_rows = [torch.tensor(row, dtype=dtype, device=z0.device) for row in stage_rows]
-    e_row = torch.tensor(error_row, dtype=dtype, device=z0.device)
-
-    # Initial step (Hairer, Norsett and Wanner, II.4), per row.
-    k1 = field(s, z, rows)
-    scale = _tolerance_scale(z, z, rtol, atol)
-    d0, d1 = _error_norm(z / scale), _error_norm(k1 / scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-    h0 = torch.minimum(h0, stops[0] - s)
-    if not per_example:
-        h0 = h0.min().expand(n)
-    f1 = field(s + h0, z + h0[:, None].to(dtype) * k1, rows)
-    d2 = _error_norm((f1 - k1) / scale) / h0
-    dmax = torch.maximum(d1, d2)
-    h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1 / order))
-    h = torch.minimum(100 * h0, h1)
-    if not per_example:
-        h = h.min().expand(n)
-    nfe, steps = 2, 0
-    span = float(stops[-1]) - float(s0)
-
-    ks = z0.new_empty((n_stages, n, width))
-    while len(rows):
-        steps += 1
-        if steps > _MAX_STEPS:
-            raise RuntimeError(f"PF-ODE solve did not finish in {_MAX_STEPS} steps")
-        stop = stops[nxt]
-        lands = h >= stop - s
-        h_step = torch.where(lands, stop - s, h)
-        stage_s = s + c * h_step  # (stages - 1, n): every stage's s at once
-        hc = h_step[:, None].to(dtype)
-        ks = ks[:, :len(rows)]
-        ks[0] = k1
-        for i in range(1, n_stages):
-            zi = z + hc * (a_rows[i] @ ks[:i].reshape(i, -1)).reshape(z.shape)
-            ks[i] = field(stage_s[i - 1], zi, rows)
-        nfe += n_stages - 1
-        err = hc * (e_row @ ks.reshape(n_stages, -1)).reshape(z.shape)
-        ratio = torch.nan_to_num(_error_norm(err / _tolerance_scale(z, zi, rtol, atol)), nan=math.inf)
-        if not per_example:
-            ratio = ratio.max().expand(len(rows))
-        accept = ratio <= 1
-        factor = (0.9 * ratio.pow(-1 / order)).clamp(0.2, 10.0)
-        factor = torch.where(accept, factor.clamp(min=1.0), factor)
-        h_new = h_step * factor
-        reached = accept & lands
-        h = torch.where(reached, torch.maximum(h_new, h), h_new)
-        acc = accept[:, None]
-        z = torch.where(acc, zi, z)
-        k1 = torch.where(acc, ks[-1], ks[0])
-        s = torch.where(accept, torch.where(lands, stop, s + h_step), s)
-        if bool(reached.any()):
-            out[nxt[reached], rows[reached]] = z[reached]
-            nxt = nxt + reached.long()
-            keep = nxt < len(stops)
-            if not bool(keep.all()):
-                rows, s, z, k1, h, nxt = rows[keep], s[keep], z[keep], k1[keep], h[keep], nxt[keep]
-        if len(rows) and bool((h < 1e-13 * span).any()):
-            raise RuntimeError("PF-ODE step size underflow: the drift or the divergence is not finite")
-    return out, nfe
-
-
 def _horizons(sde: SDE, T, eps: float | None) -> tuple[list[float], float, bool]:
     """(the horizons as floats, eps, whether T was one number); several must be strictly increasing."""
     import numbers
@@ -603,9 +470,8 @@ def ode_flow(
     if method not in ODE_METHODS:
         raise ValueError(f"method must be one of {ODE_METHODS}, got {method!r}")
     shape, n, d = x.shape[1:], len(x), x[0].numel()
-    if divergence == "auto":
-        divergence = "exact" if d <= 16 else "hutchinson"
-    if divergence not in ("exact", "hutchinson"):
+    divergence = resolve_divergence(divergence, d)
+    if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be 'exact', 'hutchinson' or 'auto', got {divergence!r}")
     probes = None
     if divergence == "hutchinson":
@@ -637,7 +503,7 @@ def ode_flow(
     ends = var.of_t(torch.tensor([eps, *Ts], dtype=torch.float64, device=x.device))
     z0 = torch.cat([x.detach().reshape(n, d), torch.zeros(n, 1, dtype=dtype, device=x.device)], 1)
     with torch.no_grad():
-        out, nfe = _solve_rk(field, z0, float(ends[0]), ends[1:], rtol, atol, error_control == "example", method)
+        out, nfe = solve_rk(field, z0, float(ends[0]), ends[1:], rtol, atol, error_control == "example", method)
         # The part d alpha(t) of div F, integrated in closed form.
         linear = d * sde.int_alpha(torch.full((len(Ts),), eps, dtype=torch.float64, device=x.device),
                                    torch.tensor(Ts, dtype=torch.float64, device=x.device))
@@ -671,9 +537,8 @@ def ode_log_likelihood(
     horizons T (one solve), ``prior`` is one prior per T (a sequence as long as T) or one prior
     for all; log p is then (len(T), B) and x_T (len(T), B, ...).
     """
-    x_T, integral, nfe = ode_flow(model, sde, x, T, eps, rtol=rtol, atol=atol, divergence=divergence, noise=noise,
-                                  generator=generator, variable=variable, method=method,
-                                  error_control=error_control, n_probes=n_probes)
+    options = ODEOptions(rtol, atol, divergence, noise, variable, method, error_control, n_probes)
+    x_T, integral, nfe = ode_flow(model, sde, x, T, eps, generator=generator, **options.kwargs())
     if x_T.dim() == x.dim():
         return prior.log_prob(x_T).to(integral.dtype) + integral, nfe, x_T
     priors = [prior] * len(x_T) if hasattr(prior, "log_prob") else list(prior)

@@ -84,6 +84,7 @@ applied as Python floats, i.e. in the tensor's own dtype.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -128,8 +129,7 @@ def timesteps(
     The log-SNR grids map back with the SDE's closed-form ``t_from_log_snr``; the ends are set to
     exactly T and eps.
     """
-    if spacing not in SPACINGS:
-        raise DifftimeError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+    check_spacing(spacing)
     try:
         n = operator.index(steps)
     except TypeError:
@@ -595,6 +595,18 @@ def check_sampler(name: str) -> Callable[..., tuple[Tensor, int]]:
     if name not in SAMPLERS:
         raise DifftimeError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def check_spacing(name: str) -> str:
+    """``name`` if it is one of ``SPACINGS``, or one clear error that lists the choices."""
+    if name not in SPACINGS:
+        raise DifftimeError(f"unknown spacing {name!r}; choose from {', '.join(SPACINGS)}")
+    return name
+
+
+def default_spacing(sampler: str) -> str:
+    """The grid the registered ``sampler`` uses when it is given no ``spacing``."""
+    return inspect.signature(check_sampler(sampler)).parameters["spacing"].default
 
 
 def sample(

@@ -55,6 +55,22 @@ def normal_quantile(level: float) -> float:
     return float(torch.special.ndtri(torch.tensor(0.5 + level / 2, dtype=torch.float64)))
 
 
+def mean_se(values: ArrayLike) -> tuple[float, float]:
+    """The mean of 1-D per-example values and its standard error sd/sqrt(n), in float64 (nan for one value)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    n = len(values)
+    se = float(values.std(correction=1)) / math.sqrt(n) if n > 1 else math.nan
+    return float(values.mean()), se
+
+
+def row_standard_errors(draws: Tensor) -> Tensor:
+    """sd/sqrt(n) of the draws over the last dimension, one per row (nan for one draw); for
+    stratified draws an upper bound."""
+    if draws.shape[-1] < 2:
+        return torch.full(draws.shape[:-1], math.nan, dtype=torch.float64, device=draws.device)
+    return draws.std(-1, correction=1) / math.sqrt(draws.shape[-1])
+
+
 def _interval(mean: float, se: float, n: int, level: float, paired: bool) -> Difference:
     half = normal_quantile(level) * se
     return Difference(mean=mean, se=se, lo=mean - half, hi=mean + half, n=n, level=level, paired=paired)
@@ -68,10 +84,8 @@ def paired_difference(a: ArrayLike, b: ArrayLike, level: float = 0.95) -> Differ
     a, b = _values(a, "a"), _values(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"paired values need the same examples: got {len(a)} and {len(b)} values")
-    diff = a - b
-    n = len(diff)
-    se = float(diff.std(correction=1)) / math.sqrt(n) if n > 1 else math.nan
-    return _interval(float(diff.mean()), se, n, level, paired=True)
+    mean, se = mean_se(a - b)
+    return _interval(mean, se, len(a), level, paired=True)
 
 
 def unpaired_difference(a: ArrayLike, b: ArrayLike, level: float = 0.95) -> Difference:

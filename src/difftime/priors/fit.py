@@ -45,6 +45,7 @@ from difftime.io import (
 )
 from difftime.rng import stream_seed
 from difftime.sde import SDE
+from difftime.stats import mean_se
 
 _TRAIN_STREAM = 0
 _EVAL_STREAM = 1
@@ -150,8 +151,7 @@ def bad_count(bad: int, delta: float, se: float, z: float, falling: bool) -> int
 
 def paired_se(a: Tensor, b: Tensor) -> float:
     """Standard error of mean(a - b) over examples (0 for identical vectors, nan for one example)."""
-    diff = (a - b).double()
-    return float(diff.std(correction=1)) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
+    return mean_se((a - b).double())[1]
 
 
 def heldout_nll(prior: Any, sde: SDE, T: float, dataset: Dataset, n_eval: int = DEFAULT_N_EVAL,
@@ -221,6 +221,41 @@ def fit_prior(
     count. Rank 0 alone writes the checkpoint.
     """
     T = _check(prior, sde, T, dataset)
+    warmup = _check_fit_args(steps, batch_size, eval_every, patience, n_eval, schedule, lr, grad_clip, z, time_limit,
+                             warmup)
+    start = time.perf_counter()
+    x_eval = heldout_set(sde, T, dataset, n_eval, seed)
+    init_nll = example_nll(prior, x_eval)
+    init = float(init_nll.mean())
+    history: list[dict[str, Any]] = [{"step": 0, "train_nll": None, "test_nll": init, "lr": 0.0,
+                                      "delta_vs_best": 0.0, "se_vs_best": 0.0}]
+    params = [p for p in prior.parameters() if p.requires_grad] if hasattr(prior, "parameters") else []
+    if not params or int(steps) == 0:
+        return {"test_nll": init, "history": history, "steps": 0, "best_step": 0, "stopped": "steps",
+                "gain": {"mean": 0.0, "se": 0.0}, "n_eval": int(n_eval), "seconds": time.perf_counter() - start}
+
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every, "patience": patience,
+                "z": z, "lr_cuts": lr_cuts, "n_eval": n_eval, "seed": seed, "grad_clip": grad_clip,
+                "schedule": schedule, "warmup": warmup, "data_init": data_init, "require_gain": require_gain,
+                "time_limit": time_limit}
+    fit = _Fit(prior, sde, T, dataset, x_eval, init_nll, history, params, settings, start)
+    key = None
+    resumed = False
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        key = _run_key(prior, T, settings)
+        resumed = fit.resume(checkpoint, key)
+    if not resumed and data_init and hasattr(prior, "data_init"):
+        fit.data_init()
+    fit.run(progress, checkpoint, key)
+    if checkpoint is not None and distributed.is_main():
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return fit.result()
+
+
+def _check_fit_args(steps: int, batch_size: int, eval_every: int, patience: int, n_eval: int, schedule: str,
+                    lr: float, grad_clip: float, z: float, time_limit: float | None, warmup: int | None) -> int:
+    """The warm-up step count of ``fit_prior``, once every argument it checks is valid (one line otherwise)."""
     for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 1), ("eval_every", eval_every, 1),
                              ("patience", patience, 1), ("n_eval", n_eval, 2)):
         if int(value) < low:
@@ -235,137 +270,170 @@ def fit_prior(
     warmup = min(100, total // 10) if warmup is None else int(warmup)
     if warmup < 0:
         raise DifftimeError(f"fit_prior: warmup={warmup} is invalid; expected warmup >= 0")
-    start = time.perf_counter()
-    x_eval = heldout_set(sde, T, dataset, n_eval, seed)
-    best_nll = example_nll(prior, x_eval)
-    best = init = float(best_nll.mean())
-    history: list[dict[str, Any]] = [{"step": 0, "train_nll": None, "test_nll": best, "lr": 0.0,
-                                      "delta_vs_best": 0.0, "se_vs_best": 0.0}]
-    params = [p for p in prior.parameters() if p.requires_grad] if hasattr(prior, "parameters") else []
-    if not params or total == 0:
-        return {"test_nll": best, "history": history, "steps": 0, "best_step": 0, "stopped": "steps",
-                "gain": {"mean": 0.0, "se": 0.0}, "n_eval": int(n_eval), "seconds": time.perf_counter() - start}
+    return warmup
 
-    gen = torch.Generator().manual_seed(stream_seed(seed, _TRAIN_STREAM))
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(schedule, k, total, warmup))
-    distributed.broadcast(prior.state_dict().values())  # the ranks must start from the same weights
-    best_state = {k: v.detach().clone() for k, v in prior.state_dict().items()}
-    init_state, init_nll = best_state, best_nll
-    best_step, bad_evals, step, cuts, stretch_low = 0, 0, 0, 0, math.inf
-    running, n_running, skipped = 0.0, 0, 0
-    saved = None
-    if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        key = _run_key(prior, T, {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every,
-                                  "patience": patience, "z": z, "lr_cuts": lr_cuts, "n_eval": n_eval, "seed": seed,
-                                  "grad_clip": grad_clip, "schedule": schedule, "warmup": warmup,
-                                  "data_init": data_init, "require_gain": require_gain,
-                                  "time_limit": time_limit})
-        saved = _load_fit_state(checkpoint, key, prior, opt, sched, gen)
-        if saved is not None:
-            best_state, meta = saved
-            best, best_step, bad_evals, step, skipped, cuts, stretch_low = (
-                meta[k] for k in ("best", "best_step", "bad_evals", "step", "skipped", "cuts", "stretch_low"))
-            stretch_low = math.inf if stretch_low is None else stretch_low
-            history = meta["history"]
-            current = {k: v.clone() for k, v in prior.state_dict().items()}
-            prior.load_state_dict(best_state)
-            best_nll = example_nll(prior, x_eval)
-            prior.load_state_dict(current)
-    if saved is None and data_init and hasattr(prior, "data_init"):
+
+class _Fit:
+    """One ``fit_prior`` call past its checks: the optimizer, its schedule and the training generator,
+    the best weights so far and the early-stopping counters (what a checkpoint saves and restores).
+    ``settings`` are fit_prior's arguments, with ``warmup`` resolved."""
+
+    def __init__(self, prior: Any, sde: SDE, T: float, dataset: Dataset, x_eval: Tensor, init_nll: Tensor,
+                 history: list[dict[str, Any]], params: list[Tensor], settings: dict[str, Any], start: float) -> None:
+        self.prior, self.sde, self.T, self.dataset, self.x_eval = prior, sde, T, dataset, x_eval
+        self.history, self.params, self.settings, self.start = history, params, settings, start
+        total, schedule, warmup = int(settings["steps"]), settings["schedule"], settings["warmup"]
+        self.total = total
+        self.gen = torch.Generator().manual_seed(stream_seed(settings["seed"], _TRAIN_STREAM))
+        self.opt = torch.optim.Adam(params, lr=settings["lr"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda k: lr_factor(schedule, k, total, warmup))
+        distributed.broadcast(prior.state_dict().values())  # the ranks must start from the same weights
+        self.best_state = {k: v.detach().clone() for k, v in prior.state_dict().items()}
+        self.init_state, self.init_nll, self.init = self.best_state, init_nll, float(init_nll.mean())
+        self.best, self.best_nll = self.init, init_nll
+        self.best_step, self.bad_evals, self.step, self.cuts, self.stretch_low = 0, 0, 0, 0, math.inf
+        self.running, self.n_running, self.skipped = 0.0, 0, 0
+        self.stopped = "steps"
+
+    def resume(self, checkpoint: Path, key: str) -> bool:
+        """Continue from the fitting state saved in ``checkpoint`` for ``key``; False when there is none."""
+        saved = _load_fit_state(checkpoint, key, self.prior, self.opt, self.sched, self.gen)
+        if saved is None:
+            return False
+        self.best_state, meta = saved
+        self.best, self.best_step, self.bad_evals, self.step, self.skipped, self.cuts, stretch_low = (
+            meta[k] for k in ("best", "best_step", "bad_evals", "step", "skipped", "cuts", "stretch_low"))
+        self.stretch_low = math.inf if stretch_low is None else stretch_low
+        self.history = meta["history"]
+        current = {k: v.clone() for k, v in self.prior.state_dict().items()}
+        self.prior.load_state_dict(self.best_state)
+        self.best_nll = example_nll(self.prior, self.x_eval)
+        self.prior.load_state_dict(current)
+        return True
+
+    def data_init(self) -> None:
+        """The prior's data-dependent initialisation on a batch of x_T."""
         # Its own stream, so the training draws are the same with or without it.
-        init_gen = torch.Generator().manual_seed(stream_seed(seed, _INIT_STREAM))
-        idx = torch.randint(dataset.train.shape[0], (max(int(batch_size), 512),), generator=init_gen)
-        prior.data_init(marginal_batch(sde, T, dataset, dataset.train[idx], init_gen).to(_device(prior)))
-        distributed.broadcast(prior.state_dict().values())
-    n_train = dataset.train.shape[0]
-    device = _device(prior)
-    stopped = "steps"
-    prior.train()
-    bar = tqdm(total=total, initial=step, desc=f"fit {getattr(prior, 'family', 'prior')} T={T:g}",
-               disable=not (progress and distributed.is_main()), leave=False)
-    try:
-        while step < total:
-            idx = torch.randint(n_train, (int(batch_size),), generator=gen)
-            xt = distributed.shard(marginal_batch(sde, T, dataset, dataset.train[idx], gen)).to(device)
-            loss = -prior.log_prob(xt).mean()
-            opt.zero_grad(set_to_none=True)
-            global_loss = distributed.mean(loss.detach())  # one skip decision on every rank
-            finite = bool(torch.isfinite(global_loss))
-            if finite:
-                loss.backward()
-                distributed.average_gradients(params)
-                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
-            if finite:
-                opt.step()
-                running += float(global_loss)
-                n_running += 1
-            else:  # no update: NaN/Inf must never reach the weights
-                skipped += 1
-                if skipped > 20:
-                    raise DifftimeError(
-                        f"fit_prior: the training loss or its gradient is NaN/Inf at step {step + 1} "
-                        f"({skipped} such steps); lower lr (now {lr})"
-                    )
-            current_lr = opt.param_groups[0]["lr"]
-            sched.step()
-            step += 1
-            bar.update(1)
-            out_of_time = time_limit is not None and time.perf_counter() - start >= time_limit
-            if step % int(eval_every) == 0 or step == total or out_of_time:
-                now = example_nll(prior, x_eval)
-                test = float(now.mean())
-                train = running / n_running if n_running else None
-                delta, se = (test - best, paired_se(now, best_nll)) if math.isfinite(test) else (math.inf, 0.0)
-                history.append({"step": step, "train_nll": train, "test_nll": test, "lr": current_lr,
-                                "delta_vs_best": delta if math.isfinite(delta) else None, "se_vs_best": se})
-                running, n_running = 0.0, 0
-                if math.isfinite(test) and test < best:
-                    best, best_step, best_nll = test, step, now
-                    best_state = {k: v.detach().clone() for k, v in prior.state_dict().items()}
-                # "Falling": below every evaluation of the current run of resolved degradations (a
-                # random walk rarely makes a new low, a steady descent does at every evaluation).
-                started = bad_evals == 0
-                bad_evals = bad_count(bad_evals, delta, se, z, falling=not started and test < stretch_low)
-                stretch_low = test if started else min(stretch_low, test)
-                bar.set_postfix(test_nll=f"{test:.3f}", best=f"{best:.3f}")
-                if bad_evals >= int(patience):
-                    if cuts >= int(lr_cuts):
-                        stopped = "patience"
+        init_gen = torch.Generator().manual_seed(stream_seed(self.settings["seed"], _INIT_STREAM))
+        idx = torch.randint(self.dataset.train.shape[0], (max(int(self.settings["batch_size"]), 512),),
+                            generator=init_gen)
+        x = marginal_batch(self.sde, self.T, self.dataset, self.dataset.train[idx], init_gen)
+        self.prior.data_init(x.to(_device(self.prior)))
+        distributed.broadcast(self.prior.state_dict().values())
+
+    def run(self, progress: bool, checkpoint: Path | None, key: str | None) -> None:
+        """Train to the end of the budget, to patience or to the time limit; the prior ends with the best weights."""
+        s = self.settings
+        n_train = self.dataset.train.shape[0]
+        device = _device(self.prior)
+        self.prior.train()
+        desc = f"fit {getattr(self.prior, 'family', 'prior')} T={self.T:g}"
+        bar = tqdm(total=self.total, initial=self.step, desc=desc, disable=not (progress and distributed.is_main()),
+                   leave=False)
+        try:
+            while self.step < self.total:
+                current_lr = self.train_step(n_train, device)
+                bar.update(1)
+                out_of_time = s["time_limit"] is not None and time.perf_counter() - self.start >= s["time_limit"]
+                if self.step % int(s["eval_every"]) == 0 or self.step == self.total or out_of_time:
+                    test = self.evaluate(current_lr)
+                    bar.set_postfix(test_nll=f"{test:.3f}", best=f"{self.best:.3f}")
+                    if self.bad_evals >= int(s["patience"]):
+                        if self.cuts >= int(s["lr_cuts"]):
+                            self.stopped = "patience"
+                            break
+                        self.cut_lr()
+                    if out_of_time:
+                        self.stopped = "time"
                         break
-                    # Back to the best weights with a third of the learning rate, from the same step on.
-                    cuts, bad_evals, stretch_low = cuts + 1, 0, math.inf
-                    prior.load_state_dict(best_state)
-                    opt.state.clear()
-                    sched.base_lrs = [b / 3 for b in sched.base_lrs]
-                    for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
-                        group["lr"] = base * lr_factor(schedule, step, total, warmup)
-                    history[-1]["lr_cut"] = cuts
-                if out_of_time:
-                    stopped = "time"
-                    break
-                if checkpoint is not None and distributed.is_main():
-                    _save_fit_state(checkpoint, key, prior, best_state, opt, sched, gen, {
-                        "best": best, "best_step": best_step, "bad_evals": bad_evals, "step": step,
-                        "skipped": skipped, "cuts": cuts, "history": history,
-                        "stretch_low": stretch_low if math.isfinite(stretch_low) else None})
-    finally:
-        bar.close()
-        prior.load_state_dict(best_state)
-        prior.eval()
-    if checkpoint is not None and distributed.is_main():
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    gain = {"mean": init - best, "se": paired_se(best_nll, init_nll) if best_step else 0.0}
-    gain["resolved"] = gain["mean"] > z * gain["se"]
-    kept_start = bool(best_step) and require_gain and not gain["resolved"]
-    if kept_start:  # the fitted weights must earn their place: a gain within the noise is selection noise
-        prior.load_state_dict(init_state)
-        best, best_step = init, 0
-    return {"test_nll": best, "history": history, "steps": step, "best_step": best_step, "stopped": stopped,
-            "gain": gain, "kept_start": kept_start, "n_eval": int(n_eval), "schedule": schedule, "warmup": warmup,
-            "z": z, "lr_cuts": cuts,
-            "seconds": time.perf_counter() - start}
+                    if checkpoint is not None and distributed.is_main():
+                        self.save(checkpoint, key)
+        finally:
+            bar.close()
+            self.prior.load_state_dict(self.best_state)
+            self.prior.eval()
+
+    def train_step(self, n_train: int, device: torch.device) -> float:
+        """One optimizer step on a fresh batch of x_T, skipped when the loss or its gradient is not finite;
+        returns the learning rate it used."""
+        idx = torch.randint(n_train, (int(self.settings["batch_size"]),), generator=self.gen)
+        xt = distributed.shard(marginal_batch(self.sde, self.T, self.dataset, self.dataset.train[idx],
+                                              self.gen)).to(device)
+        loss = -self.prior.log_prob(xt).mean()
+        self.opt.zero_grad(set_to_none=True)
+        global_loss = distributed.mean(loss.detach())  # one skip decision on every rank
+        finite = bool(torch.isfinite(global_loss))
+        if finite:
+            loss.backward()
+            distributed.average_gradients(self.params)
+            finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.params, self.settings["grad_clip"])))
+        if finite:
+            self.opt.step()
+            self.running += float(global_loss)
+            self.n_running += 1
+        else:  # no update: NaN/Inf must never reach the weights
+            self.skipped += 1
+            if self.skipped > 20:
+                raise DifftimeError(
+                    f"fit_prior: the training loss or its gradient is NaN/Inf at step {self.step + 1} "
+                    f"({self.skipped} such steps); lower lr (now {self.settings['lr']})"
+                )
+        current_lr = self.opt.param_groups[0]["lr"]
+        self.sched.step()
+        self.step += 1
+        return current_lr
+
+    def evaluate(self, current_lr: float) -> float:
+        """The held-out NLL now, recorded in the history; keeps the best weights and counts bad evaluations."""
+        now = example_nll(self.prior, self.x_eval)
+        test = float(now.mean())
+        train = self.running / self.n_running if self.n_running else None
+        delta, se = (test - self.best, paired_se(now, self.best_nll)) if math.isfinite(test) else (math.inf, 0.0)
+        self.history.append({"step": self.step, "train_nll": train, "test_nll": test, "lr": current_lr,
+                             "delta_vs_best": delta if math.isfinite(delta) else None, "se_vs_best": se})
+        self.running, self.n_running = 0.0, 0
+        if math.isfinite(test) and test < self.best:
+            self.best, self.best_step, self.best_nll = test, self.step, now
+            self.best_state = {k: v.detach().clone() for k, v in self.prior.state_dict().items()}
+        # "Falling": below every evaluation of the current run of resolved degradations (a
+        # random walk rarely makes a new low, a steady descent does at every evaluation).
+        started = self.bad_evals == 0
+        self.bad_evals = bad_count(self.bad_evals, delta, se, self.settings["z"],
+                                   falling=not started and test < self.stretch_low)
+        self.stretch_low = test if started else min(self.stretch_low, test)
+        return test
+
+    def cut_lr(self) -> None:
+        """Back to the best weights with a third of the learning rate, from the same step on."""
+        s = self.settings
+        self.cuts, self.bad_evals, self.stretch_low = self.cuts + 1, 0, math.inf
+        self.prior.load_state_dict(self.best_state)
+        self.opt.state.clear()
+        self.sched.base_lrs = [b / 3 for b in self.sched.base_lrs]
+        for group, base in zip(self.opt.param_groups, self.sched.base_lrs, strict=True):
+            group["lr"] = base * lr_factor(s["schedule"], self.step, self.total, s["warmup"])
+        self.history[-1]["lr_cut"] = self.cuts
+
+    def save(self, checkpoint: Path, key: str) -> None:
+        _save_fit_state(checkpoint, key, self.prior, self.best_state, self.opt, self.sched, self.gen, {
+            "best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals, "step": self.step,
+            "skipped": self.skipped, "cuts": self.cuts, "history": self.history,
+            "stretch_low": self.stretch_low if math.isfinite(self.stretch_low) else None})
+
+    def result(self) -> dict[str, Any]:
+        """fit_prior's record; the fitted weights must earn their place (``require_gain``)."""
+        s = self.settings
+        gain = {"mean": self.init - self.best,
+                "se": paired_se(self.best_nll, self.init_nll) if self.best_step else 0.0}
+        gain["resolved"] = gain["mean"] > s["z"] * gain["se"]
+        kept_start = bool(self.best_step) and s["require_gain"] and not gain["resolved"]
+        if kept_start:  # a gain within the noise is selection noise
+            self.prior.load_state_dict(self.init_state)
+            self.best, self.best_step = self.init, 0
+        return {"test_nll": self.best, "history": self.history, "steps": self.step, "best_step": self.best_step,
+                "stopped": self.stopped, "gain": gain, "kept_start": kept_start, "n_eval": int(s["n_eval"]),
+                "schedule": s["schedule"], "warmup": s["warmup"], "z": s["z"], "lr_cuts": self.cuts,
+                "seconds": time.perf_counter() - self.start}
 
 
 def _run_key(prior: Any, T: float, settings: dict[str, Any]) -> str:

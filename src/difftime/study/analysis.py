@@ -201,8 +201,11 @@ def _verdict(diff: dict[str, Any] | Difference | None, better_if_negative: bool 
     return "HELD" if hi < 0 else "DID NOT HOLD" if lo > 0 else "NOT RESOLVED"
 
 
-def _ci(d: dict[str, Any] | Difference, scale: float = 1.0, digits: int = 3) -> str:
-    """mean [lo, hi] times ``scale`` (a negative scale flips the difference and its interval)."""
+def ci_text(d: dict[str, Any] | Difference | None, scale: float = 1.0, digits: int = 3) -> str:
+    """mean [lo, hi] times ``scale``, signed, the bounds in increasing order (a negative scale flips the
+    difference and its interval); "-" for no difference."""
+    if d is None:
+        return "-"
     mean, lo, hi = (d["mean"], d["lo"], d["hi"]) if isinstance(d, dict) else (d.mean, d.lo, d.hi)
     lo, hi = sorted((scale * lo, scale * hi))
     return f"{scale * mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
@@ -232,7 +235,7 @@ def claims(cells: list[dict[str, Any]], paired: dict[str, Any], metric: str | No
                 verdict = _verdict(d, better_if_negative=False)
                 diff = d
                 text = (f"by the {names[m]} the best T is {b['best_T']:g} ({scale * b['best_bpd']:.3f} {unit}); "
-                        f"T={T_ref:g} minus it: {_ci(d, scale)} {unit}; T values tied with the best: "
+                        f"T={T_ref:g} minus it: {ci_text(d, scale)} {unit}; T values tied with the best: "
                         f"{', '.join(f'{T:g}' for T in b['tied'])}")
             per_metric[m] = {"verdict": verdict, "best_T": b["best_T"], "tied": b["tied"], "difference": diff}
             parts.append(f"{text} ({verdict})")
@@ -249,7 +252,7 @@ def claims(cells: list[dict[str, Any]], paired: dict[str, Any], metric: str | No
                 if v["T"] not in best_kl or v["mean"] < best_kl[v["T"]]["mean"]:
                     best_kl[v["T"]] = v
             mismatch = ("The measured lower bound on KL(p_T || N) (the standard prior's ELBO minus the best fitted "
-                        "prior's, paired): " + ", ".join(f"T={T:g}: {_ci(best_kl[T], -scale)} {unit}"
+                        "prior's, paired): " + ", ".join(f"T={T:g}: {ci_text(best_kl[T], -scale)} {unit}"
                                                          for T in sorted(best_kl)) + ". ")
         note = (" In `truncate` mode one network serves every T, so the score term of a longer horizon only adds "
                 "the extra interval; `--mode per-T` trains a network per horizon, as the paper does."
@@ -267,14 +270,14 @@ def claims(cells: list[dict[str, Any]], paired: dict[str, Any], metric: str | No
         d_nll = next((v for v in metrics.get("nll", {}).get("vs_reference", [])
                       if (v["T"], v["prior"]) == (best["T"], best["prior"])), None)
         verdict = _verdict(d_elbo)
-        nll_text = f"; PF-ODE NLL {_ci(d_nll, scale)} ({_verdict(d_nll)})" if d_nll else ""
+        nll_text = f"; PF-ODE NLL {ci_text(d_nll, scale)} ({_verdict(d_nll)})" if d_nll else ""
         lines.append(Claim(
             "short_T_likelihood", verdict,
             {"T": best["T"], "prior": best["prior"], "T_ref": T_ref, "elbo_difference": d_elbo,
              "nll_difference": d_nll},
             f"**An auxiliary prior makes a short T at least as good in likelihood: {verdict}.** The best "
             f"short-horizon cell by ELBO, T={best['T']:g} with the {best['prior']} prior, minus T={T_ref:g} with the "
-            f"standard prior (paired, {unit}, 95% interval): ELBO {_ci(d_elbo, scale)}{nll_text}. The best of "
+            f"standard prior (paired, {unit}, 95% interval): ELBO {ci_text(d_elbo, scale)}{nll_text}. The best of "
             f"{len(aux)} cells is chosen on the same draws, so its difference is biased low."))
     if ref is not None and aux and metric:
         for sampler in samplers:
@@ -292,10 +295,11 @@ def claims(cells: list[dict[str, Any]], paired: dict[str, Any], metric: str | No
                 f"**... and in sample quality ({sampler}, NFE proportional to T): {verdict}.** Best short-horizon "
                 f"cell: T={cell['T']:g}, {cell['prior']} prior, {metric.upper()} {value:.4g} at NFE {r['nfe']}, "
                 f"against {r_ref['quality'][metric]['value']:.4g} at NFE {r_ref['nfe']} for T={T_ref:g} with the "
-                f"standard prior; difference " + (_ci(diff, digits=4) + " (paired bootstrap, 95%)" if diff else
+                f"standard prior; difference " + (ci_text(diff, digits=4) + " (paired bootstrap, 95%)" if diff else
                                                    "without an interval (no bootstrap replicates)")
-                + (f". It scores better than held-out real data ({_ci(flag, digits=4)}; recall {flag['recall']:.3f})"
-                   ": a sign of low diversity or metric bias, not of a better model" if flag else "") + "."))
+                + (f". It scores better than held-out real data ({ci_text(flag, digits=4)}; "
+                   f"recall {flag['recall']:.3f}): a sign of low diversity or metric bias, not of a better model"
+                   if flag else "") + "."))
     if ref is not None and samplers:
         sampler = samplers[0]
         r_ref = proportional(ref, sampler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from difftime.study.analysis import (
     LOWER_IS_BETTER,
     below_floor,
     best_T,
+    ci_text,
     claims,
     data_floor,
     flat_rows,
@@ -50,12 +52,6 @@ def _in_unit(cell: dict[str, Any], scale: float) -> dict[str, Any]:
 
 def _f(x: float, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _ci(d: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
-    if d is None:
-        return "-"
-    return f"{scale * d['mean']:+.{digits}f} [{scale * d['lo']:+.{digits}f}, {scale * d['hi']:+.{digits}f}]"
 
 
 def _pm(value: float, unc: float | None, digits: int = 3) -> str:
@@ -93,9 +89,41 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-# --- analyses ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Report:
+    """What the sections of report.md read: the summary (cells sorted, analyses added), the settings,
+    and the cells in the report's unit (bits/dim, or nats per example for continuous data)."""
+
+    summary: dict[str, Any]
+    out: Path
+    s: dict[str, Any]
+    config: dict[str, Any]
+    cells: list[dict[str, Any]]
+    metric: str | None
+    samplers: list[str]
+    floor: dict[str, Any] | None
+    paired: dict[str, Any]
+    unit: str
+    short: str
+    scale: float
+    analyses: dict[str, Any]
+    frontier: dict[str, Any]
+    rows: list[dict[str, Any]]
+    plots: list[tuple[str, str]]
+
+
 def write_report(summary: dict[str, Any], out: str | Path) -> None:
-    out = Path(out)
+    """frontier.json, results.json, results.csv, the plots and report.md in ``out``, from the finished cells."""
+    rep = _write_results(summary, Path(out))
+    md: list[str] = []
+    for section in (_overview_md, _likelihood_md, _paired_md, _headroom_md, _quality_md, _best_T_md,
+                    _savings_md, _frontier_md, _fid_headline_md, _claims_md, _wall_md):
+        md += section(rep)
+    atomic_write_bytes(rep.out / "report.md", ("\n".join(md) + "\n").encode())
+
+
+def _write_results(summary: dict[str, Any], out: Path) -> _Report:
+    """Sort the cells, run the analyses and write frontier.json, results.json, results.csv and the plots."""
     cells = sorted(summary["cells"], key=lambda c: (c["T"], summary["settings"]["priors"].index(c["prior"])
                                                      if c["prior"] in summary["settings"]["priors"] else 99))
     summary = {**summary, "cells": cells}
@@ -124,8 +152,15 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     save_json(out / "results.json", _without_replicates(summary))
     atomic_write_bytes(out / "results.csv", _csv(rows))
     plots = write_plots({**summary, "cells": shown}, out, metric, unit)
-    cells = shown
+    return _Report(summary=summary, out=out, s=s, config=config, cells=shown, metric=metric, samplers=samplers,
+                   floor=floor, paired=paired, unit=unit, short=short, scale=scale, analyses=analyses,
+                   frontier=frontier, rows=rows, plots=plots)
 
+
+# --- report.md, section by section -----------------------------------------------------------------
+def _overview_md(rep: _Report) -> list[str]:
+    """The title and what was measured: models, likelihood settings and sampling budgets."""
+    summary, s, config, cells, samplers = rep.summary, rep.s, rep.config, rep.cells, rep.samplers
     first = cells[0]["likelihood"]
     md = [f"# How much diffusion time is enough? A difftime study on `{config['data']}`", ""]
     md.append(f"Mode `{s['mode']}`, {config['sde']['kind'].upper()} SDE, eps = {first['eps']:g}, "
@@ -158,6 +193,13 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
                  if "sample_eps" in s else "")
               + ("; the network runs under bfloat16 autocast while sampling (likelihoods stay float32)"
                  if s.get("sample_precision") == "bf16" else "") + ".")
+    return md
+
+
+def _likelihood_md(rep: _Report) -> list[str]:
+    """The likelihood table: every cell's ELBO and its four parts, PF-ODE, NFE and KL bound."""
+    cells, unit, short = rep.cells, rep.unit, rep.short
+    md: list[str] = []
     md.append("")
     md.append(f"## Likelihood ({unit}, lower is better)")
     md.append("")
@@ -176,6 +218,14 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     md.append(_table(["T", "prior", f"ELBO {short}", "prior term", "score term", "constant", "dequant.",
                       f"PF-ODE {short}", "ODE NFE", "KL(p_T||N) >="], lrows))
     md.append("")
+    return md
+
+
+def _paired_md(rep: _Report) -> list[str]:
+    """The paired likelihood differences: adjacent T, and every cell against T_ref standard."""
+    summary, cells, paired, unit, scale = rep.summary, rep.cells, rep.paired, rep.unit, rep.scale
+    first = cells[0]["likelihood"]
+    md: list[str] = []
     pm = paired.get("metrics", {})
     if pm:
         md.append(f"### Paired differences ({unit}, mean [95% interval])")
@@ -189,8 +239,9 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
         for a_e in pm.get("elbo", {}).get("adjacent", []):
             a_n = next((v for v in pm.get("nll", {}).get("adjacent", [])
                         if (v["prior"], v["T_a"], v["T_b"]) == (a_e["prior"], a_e["T_a"], a_e["T_b"])), None)
-            arows.append([a_e["prior"], f"{a_e['T_b']:g} - {a_e['T_a']:g}", _ci(a_e, scale), _f(scale * a_e["se"], 4),
-                          _ci(a_n, scale) if a_n else "-", _f(scale * a_n["se"], 4) if a_n else "-"])
+            arows.append([a_e["prior"], f"{a_e['T_b']:g} - {a_e['T_a']:g}", ci_text(a_e, scale),
+                          _f(scale * a_e["se"], 4), ci_text(a_n, scale) if a_n else "-",
+                          _f(scale * a_n["se"], 4) if a_n else "-"])
         md.append(_table(["prior", "T difference", "ELBO", "se", "PF-ODE", "se"], arows))
         md.append("")
         rrows = []
@@ -198,12 +249,19 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
             n = next((w for w in pm.get("nll", {}).get("vs_reference", [])
                       if (w["T"], w["prior"]) == (v["T"], v["prior"])),
                      None)
-            rrows.append([f"{v['T']:g}", v["prior"], _ci(v, scale), _ci(n, scale) if n else "-"])
+            rrows.append([f"{v['T']:g}", v["prior"], ci_text(v, scale), ci_text(n, scale) if n else "-"])
         if rrows:
             md.append(f"Each cell minus T={summary['T_ref']:g} with the standard prior:")
             md.append("")
             md.append(_table(["T", "prior", "ELBO", "PF-ODE"], rrows))
             md.append("")
+    return md
+
+
+def _headroom_md(rep: _Report) -> list[str]:
+    """The prior headroom table, when the study measured it."""
+    summary = rep.summary
+    md: list[str] = []
     if summary.get("headroom"):
         md.append("## Prior headroom: how much a better prior could still gain")
         md.append("")
@@ -215,6 +273,14 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
         md.append("")
         md.append(headroom_table(summary["headroom"]))
         md.append("")
+    return md
+
+
+def _quality_md(rep: _Report) -> list[str]:
+    """Sample quality: the data floor and its flags, then one table per sampler."""
+    summary, s, cells, metric, samplers, floor, analyses, rows = (
+        rep.summary, rep.s, rep.cells, rep.metric, rep.samplers, rep.floor, rep.analyses, rep.rows)
+    md: list[str] = []
     if metric:
         md.append(f"## Sample quality ({metric.upper()} ranks; lower is better)")
         md.append("")
@@ -258,6 +324,13 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
             pr = ["precision", "recall"] if any("precision" in x for x in rows) else []
             md.append(_table(["T", "prior", "budget", "steps", "NFE", *names, *pr, "sampling s"], qrows))
         md.append("")
+    return md
+
+
+def _best_T_md(rep: _Report) -> list[str]:
+    """The best T per prior, by ELBO, PF-ODE and quality, with the T values tied with it."""
+    metric, short, scale, analyses = rep.metric, rep.short, rep.scale, rep.analyses
+    md: list[str] = []
     md.append("## Best T per prior")
     md.append("")
     md.append("The best T, and in braces every T whose paired 95% interval against it contains zero.")
@@ -277,6 +350,13 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     md.append(_table(["prior", f"by ELBO ({short})", f"by PF-ODE ({short})", "by quality, NFE proportional to T"],
                      brows))
     md.append("")
+    return md
+
+
+def _savings_md(rep: _Report) -> list[str]:
+    """The NFE saving at equal quality against T_ref with the standard prior."""
+    summary, metric, analyses = rep.summary, rep.metric, rep.analyses
+    md: list[str] = []
     if analyses["nfe_savings"]:
         md.append(f"## NFE saving at equal quality against T={summary['T_ref']:g} with the standard prior")
         md.append("")
@@ -297,6 +377,13 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
         md.append(_table(["sampler", "prior", f"reference {metric.upper()} @ NFE", "T", "NFE", metric.upper(),
                           "NFE saved", f"T={summary['T_ref']:g} standard at that NFE"], srows))
         md.append("")
+    return md
+
+
+def _frontier_md(rep: _Report) -> list[str]:
+    """The quality frontier: the best configuration within each NFE budget."""
+    summary, out, metric, frontier = rep.summary, rep.out, rep.metric, rep.frontier
+    md: list[str] = []
     if frontier["frontier"]:
         md.append("## Quality frontier: how much diffusion time is enough for N network calls")
         md.append("")
@@ -322,6 +409,13 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
         md.append(_table(["NFE budget", "best configuration", "NFE", metric.upper(),
                           f"T={summary['T_ref']:g} standard", "NFE", metric.upper(), "difference", "verdict"], frows))
         md.append("")
+    return md
+
+
+def _fid_headline_md(rep: _Report) -> list[str]:
+    """The Inception FID of the headline configurations and their sample grids."""
+    summary = rep.summary
+    md: list[str] = []
     headline = summary.get("fid_headline")
     if headline and headline["rows"]:
         md.append("## Inception FID of the headline configurations")
@@ -353,6 +447,13 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
                     seen.append(c["grid"])
                     md.append(f"![{_config_text(c)}]({c['grid']})")
         md.append("")
+    return md
+
+
+def _claims_md(rep: _Report) -> list[str]:
+    """The paper's claims as decided on this data, and the plots."""
+    analyses, plots = rep.analyses, rep.plots
+    md: list[str] = []
     md.append("## Where the paper's claims held on this data")
     md.append("")
     md += [f"{i}. {claim['text']}" for i, claim in enumerate(analyses["claims"], 1)]
@@ -360,6 +461,14 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     md.append("## Plots")
     md.append("")
     md += [f"![{caption}]({name})\n\n*{caption}.*\n" for name, caption in plots]
+    return md
+
+
+def _wall_md(rep: _Report) -> list[str]:
+    """The wall time per stage and per cell."""
+    summary, cells = rep.summary, rep.cells
+    headline = summary.get("fid_headline")
+    md: list[str] = []
     md.append("## Wall time per stage (seconds)")
     md.append("")
     stages = [("training", sum(rec["wall_s"] for rec in summary["training"].values())),
@@ -385,4 +494,4 @@ def write_report(summary: dict[str, Any], out: str | Path) -> None:
     md.append("")
     md.append("Everything above is in `results.json` (with the config, seeds, sample counts and versions) and, one "
               "row per cell x sampler x budget, in `results.csv`.")
-    atomic_write_bytes(out / "report.md", ("\n".join(md) + "\n").encode())
+    return md

@@ -1,6 +1,8 @@
-"""Closed forms for Gaussian data N(mu, diag(lam)): the exact eps-network and marginals.
+"""Test oracles: closed forms for Gaussian data N(mu, diag(lam)), the exact eps-network and marginals
+(docs/design.md §3).
 
-They are the ground truth that the samplers, the ELBO and the likelihood are checked against.
+They are the ground truth that the samplers, the ELBO and the likelihood are checked against; the
+tests use them, the package itself does not.
 """
 
 from __future__ import annotations

@@ -1,0 +1,389 @@
+"""The :class:`Study`: plan a study directory, train, fit the priors, measure every cell and write the
+report."""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from difftime.config import merge, validate
+from difftime.data import load_data
+from difftime.errors import DifftimeError
+from difftime.evaluation import draw_samples, likelihood_across_T, resolve_prior
+from difftime.headroom import run_headroom
+from difftime.io import atomic_write_bytes, exclusive_lock, read_json_file, save_json
+from difftime.metrics import quality_metrics
+from difftime.plots import save_samples_figure
+from difftime.priors import fit_run_prior, prior_dir
+from difftime.provenance import versions
+from difftime.run import LOCK_FILE, load_run
+from difftime.sampling import default_spacing, steps_for_horizon
+from difftime.study.analysis import paired_likelihood, primary_metric, quality_difference, quality_frontier
+from difftime.study.records import cell_name, run_identity
+from difftime.study.report import write_report
+from difftime.study.settings import GRID_KEYS, quality_metric_names, study_settings
+from difftime.training import train_run
+
+FID_BOOTSTRAP = 50  # replicates for the headline Inception FIDs
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted config keys whose values differ between two configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _fid_name(c: dict[str, Any]) -> str:
+    return f"{cell_name(c['T'], c['prior'])}-{c['sampler']}-{c['steps']}"
+
+
+class Study:
+    """One study directory: plan, train, measure every cell, then write the report."""
+
+    def __init__(self, out: str | Path, config: dict[str, Any], *, run: str | Path | None = None,
+                 device: str = "cpu", progress: bool = True) -> None:
+        self.out = Path(out)
+        self.settings = study_settings(config)
+        # The resolved sampling eps goes into study.json: a rerun after the library default moved is refused.
+        self.config = merge(config, {"study": {"sample_eps": self.settings["sample_eps"]}})
+        self.pretrained = str(Path(run).resolve()) if run is not None else None
+        if self.pretrained is not None and self.settings["mode"] != "truncate":
+            raise DifftimeError("--run uses one pretrained model, which is study mode 'truncate'; drop --mode per-T")
+        self.device = device
+        self.progress = progress
+
+    # --- the study directory ---------------------------------------------------------------
+    def _claim_directory(self) -> None:
+        """Create the directory, or check that a rerun asks for the same study."""
+        record = self.out / "study.json"
+        if record.is_file():
+            saved = read_json_file(record, "study record")
+            old, new = copy.deepcopy(saved.get("config")), copy.deepcopy(self.config)
+            if not isinstance(old, dict) or "study" not in old:
+                raise DifftimeError(f"{record} is not a difftime study record; choose a new --out")
+            for key in GRID_KEYS:
+                old["study"].pop(key, None)
+                new["study"].pop(key, None)
+            changed = _changed_keys(old, new) + (["--run"] if saved.get("run") != self.pretrained else [])
+            if changed:
+                raise DifftimeError(
+                    f"{self.out} holds a study with different settings ({', '.join(changed)}); only "
+                    f"{', '.join(GRID_KEYS)} may change on a rerun: use the same options or a new --out")
+        elif any(p.name != LOCK_FILE for p in self.out.iterdir()):
+            raise DifftimeError(f"{self.out} exists and is not a difftime study directory; choose a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        # Rewritten on every rerun so it always describes the grid of the latest report.
+        save_json(record, {"config": self.config, "run": self.pretrained, "versions": versions()})
+
+    def _run_dirs(self) -> dict[float, Path]:
+        """The run that serves each T."""
+        if self.pretrained is not None:
+            return {T: Path(self.pretrained) for T in self.settings["T_grid"]}
+        if self.settings["mode"] == "truncate":
+            return {T: self.out / "runs" / "main" for T in self.settings["T_grid"]}
+        return {T: self.out / "runs" / f"T{T:g}" for T in self.settings["T_grid"]}
+
+    def _train(self, run_dir: Path, T_train: float, dataset) -> dict[str, Any]:
+        """Train (or finish training) one run; returns its training record."""
+        record_path = run_dir / "study-train.json"
+        if record_path.is_file():
+            return read_json_file(record_path, "training record")
+        config = merge(self.config, {"train": {"T": T_train}})
+        validate(config)
+        # An interrupted study finishes the run from its last checkpoint.
+        result = train_run(config, run_dir, resume=(run_dir / "config.json").is_file(), device=self.device,
+                           progress=self.progress)
+        record = {"run": str(run_dir), "T_train": T_train, "steps": result.step,
+                  "resumed_at_step": result.resumed_at_step, "last_loss": result.last_loss, "params": result.params,
+                  "wall_s": result.wall_s}
+        save_json(record_path, record)
+        return record
+
+    def _splits(self, dataset) -> tuple[str, str]:
+        """(reference split, held-out split): samples are scored against the reference, and real
+        examples from the other split, scored the same way, are the floor. "auto" references the
+        larger split, so the reference is the better estimate of the data distribution."""
+        ref = self.settings["reference_split"]
+        if ref == "auto":
+            ref = "train" if len(dataset.train) >= len(dataset.test) else "test"
+        return ref, "test" if ref == "train" else "train"
+
+    def _quality(self, samples: np.ndarray, dataset) -> dict[str, Any]:
+        s = self.settings
+        return quality_metrics(samples, dataset.name, quality_metric_names(s, dataset.is_image),
+                               reference_split=self._splits(dataset)[0], seed=self.config["seed"], progress=False,
+                               bootstrap=s["bootstrap"])
+
+    def _data_floor(self, dataset) -> dict[str, Any]:
+        """Held-out real examples scored exactly as a cell's samples are (the same n, reference,
+        features and bootstrap counts): what a perfect model scores at this sample size. A cell that
+        scores better than this is suspect (low diversity or metric bias), not excellent."""
+        path = self.out / "data_floor.json"
+        if path.is_file():
+            floor = read_json_file(path, "data floor")
+            if "quality" in floor:
+                return floor
+        ref, held_out = self._splits(dataset)
+        pool = dataset.test if held_out == "test" else dataset.train
+        n = self.settings["n_samples"]
+        if len(pool) < n:
+            raise DifftimeError(f"study.n_samples={n} exceeds the {len(pool)} held-out {held_out} examples the data "
+                                f"floor is scored on; lower --n-samples or set study.reference_split")
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.config["seed"]))
+        floor = {"n_samples": n, "split": held_out, "reference_split": ref,
+                 "quality": self._quality(pool[order[:n]].numpy(), dataset)}
+        save_json(path, floor)
+        return floor
+
+    # --- one cell ----------------------------------------------------------------------------
+    def _prior(self, run, family: str, T: float, dataset) -> tuple[Any, dict[str, Any]]:
+        """The run's prior at T: loaded when already fitted, fitted and stored otherwise."""
+        s = self.settings
+        if family == "standard" or (prior_dir(run.path, family, T) / "config.json").is_file():
+            return resolve_prior(run, family, T), {"fitted_now": False}
+        prior, fit = fit_run_prior(run.path, run.sde, run.shape, family, T, dataset, steps=s["prior_steps"],
+                                   batch_size=s["prior_batch_size"], lr=s["prior_lr"], seed=self.config["seed"],
+                                   progress=self.progress)
+        return prior, {"fitted_now": True, "fit": fit}
+
+    def _headroom(self, run, priors: dict[str, Any], T: float, dataset) -> dict[str, Any]:
+        """How much any prior could still gain at T (``difftime.headroom``), cached per T."""
+        s = self.settings
+        path = self.out / "headroom" / f"T{T:g}.json"
+        if path.is_file():
+            saved = read_json_file(path, "headroom record")
+            if sorted(saved.get("priors", {})) == sorted({"standard", *priors}) and saved.get("n") == s["headroom_n"]:
+                return saved
+        record = run_headroom(run, {p: prior for p, prior in priors.items() if p != "standard"}, T, dataset,
+                              n=s["headroom_n"], seed=self.config["seed"], rtol=s["tol"], atol=s["tol"],
+                              divergence=s["divergence"])
+        save_json(path, record)
+        return record
+
+    def _likelihood(self, runs: dict[float, Any], priors: dict[float, dict[str, Any]], dataset) -> dict[str, Any]:
+        """The likelihood stage: every T x prior on the same examples and draws (one PF-ODE solve
+        for the whole grid in truncate mode), the per-example bits/dim in ``likelihood.npz`` and
+        the figures with their paired differences in ``likelihood.json``. Reused on a rerun
+        when the grid is the same."""
+        s = self.settings
+        path, arrays = self.out / "likelihood.json", self.out / "likelihood.npz"
+        grid = {"T_grid": s["T_grid"], "priors": s["priors"], "n": s["n_likelihood"], "n_pfode": s["n_pfode"]}
+        if path.is_file() and arrays.is_file():
+            saved = read_json_file(path, "likelihood record")
+            if saved.get("grid") == grid:
+                return saved
+        start = time.perf_counter()
+        result = likelihood_across_T(
+            runs, priors, dataset.test[: s["n_likelihood"]], ("elbo", "nll"), eps=runs[s["T_grid"][0]].sde.eps,
+            dequant_repeats=s["dequant_repeats"], n_t=s["n_t"], n_prior=s["n_prior"], rtol=s["tol"], atol=s["tol"],
+            divergence=s["divergence"], seed=self.config["seed"], elbo_design=s["elbo_design"],
+            n_nll=s["n_pfode"], progress=self.progress)
+        buf = io.BytesIO()
+        np.savez(buf, Ts=np.array(result.Ts), priors=np.array(result.priors), **result.per_example)
+        atomic_write_bytes(arrays, buf.getvalue())
+        record = {"grid": grid, "elbo_design": result.elbo_design, "one_solve": result.one_solve,
+                  "wall_s": time.perf_counter() - start,
+                  "cells": {f"{T:g}": result.summaries[T] for T in result.Ts},
+                  "paired": paired_likelihood(result, max(s["T_grid"]))}
+        save_json(path, record)
+        return record
+
+    def _cell(self, T: float, eps: float, family: str, prior, prior_info: dict[str, Any],
+              likelihood: dict[str, Any], wall: dict[str, float], run, dataset, sweep: list[int]) -> dict[str, Any]:
+        """Sample quality of one T x prior at every step budget, its grid, and the cell record."""
+        s = self.settings
+        seed = self.config["seed"]
+        budgets = [("proportional", steps_for_horizon(T, s["steps_per_unit_time"]))]
+        budgets += [("fixed", s["fixed_steps"])] if s["fixed_steps"] else []
+        budgets += [("sweep", steps) for steps in sweep]
+        plan = [(sampler, budget, steps, None) for sampler in s["samplers"] for budget, steps in budgets]
+        plan += [(sampler, "frontier", steps, nfe) for sampler in s["frontier_samplers"]
+                 for nfe, steps in s["frontier_steps"][sampler]]
+        sample_eps = s["sample_eps"]
+        options = {} if s["spacing"] == "auto" else {"spacing": s["spacing"]}
+        sampling: list[dict[str, Any]] = []
+        grid_samples = None
+        done: set[tuple[str, int]] = set()
+        for sampler, budget, steps, target_nfe in plan:
+            if (sampler, steps) in done:  # e.g. a frontier budget that a proportional one already sampled
+                continue
+            done.add((sampler, steps))
+            samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, s["n_samples"],
+                                                     seed=seed, eps=sample_eps, precision=s["sample_precision"],
+                                                     **options)
+            if target_nfe is not None and nfe != target_nfe:
+                raise DifftimeError(f"{sampler} with {steps} steps spent {nfe} NFE, not the budget {target_nfe}")
+            start = time.perf_counter()
+            quality = self._quality(samples, dataset)
+            sampling.append({"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe,
+                             "spacing": options.get("spacing", default_spacing(sampler)), "eps": sample_eps,
+                             "denoise": True, "n": s["n_samples"], "precision": s["sample_precision"],
+                             "sample_wall_s": sample_wall,
+                             "metrics_wall_s": time.perf_counter() - start, "quality": quality})
+            if grid_samples is None and budget == "proportional":
+                grid_samples = (samples, sampler, nfe)
+        assert grid_samples is not None
+        samples, sampler, nfe = grid_samples
+        name = cell_name(T, family)
+        buf = io.BytesIO()
+        np.savez(buf, samples=samples, T=T, eps=sample_eps, prior=family, sampler=sampler, nfe=nfe, seed=seed)
+        artifacts = {"samples": f"samples/{name}.npz"}
+        atomic_write_bytes(self.out / artifacts["samples"], buf.getvalue())
+        if dataset.is_image or samples.shape[-1] == 2:
+            artifacts["grid"] = f"samples/{name}.png"
+            save_samples_figure(samples[: s["grid_images"]] if dataset.is_image else samples,
+                                self.out / artifacts["grid"], title=f"T={T:g}, {family} prior, {sampler}, NFE={nfe}")
+        wall["sampling_s"] = sum(r["sample_wall_s"] for r in sampling)
+        wall["quality_metrics_s"] = sum(r["metrics_wall_s"] for r in sampling)
+        cell = {"T": T, "eps": eps, "sample_eps": sample_eps, "prior": family, "run": str(run.path),
+                "run_identity": run_identity(run.config, run.step),
+                "T_train": run.config["config"]["train"]["T"], "prior_info": prior_info, "likelihood": likelihood,
+                "sampling": sampling, "wall": wall, "artifacts": artifacts}
+        save_json(self.out / "cells" / f"{name}.json", cell)
+        return cell
+
+    def _fid_headline(self, cells: list[dict[str, Any]], runs: dict[float, Any], priors: dict[float, dict[str, Any]],
+                      dataset, T_ref: float) -> dict[str, Any] | None:
+        """Inception FID of the headline configurations: at each NFE budget of the quality frontier,
+        its best truncated configuration and the T_ref standard one. Their samples are drawn again
+        from the same seed (the same images the classifier metrics scored); the first
+        ``study.fid_headline`` of them are scored against as many reference images, with bootstrap
+        replicates that share counts, so best - reference gets a paired interval. Each configuration
+        is cached in ``fid/``; Inception takes about 0.1 s per image on 2 CPU cores."""
+        s = self.settings
+        n = min(s["fid_headline"], s["n_samples"])
+        # Each Inception FD replicate is an SVD of an n x n matrix (about 0.5 s at n = 1000).
+        boot = min(s["bootstrap"], FID_BOOTSTRAP)
+        metric = primary_metric(cells)
+        if not dataset.is_image or metric is None or not s["nfe_budgets"]:
+            return None
+        start = time.perf_counter()
+        frontier = quality_frontier(cells, metric, s["nfe_budgets"], T_ref)
+        scored: dict[str, dict[str, Any]] = {}
+        rows = []
+        options = {} if s["spacing"] == "auto" else {"spacing": s["spacing"]}
+        for entry in frontier:
+            row: dict[str, Any] = {"budget": entry["budget"], "selected_by": metric}
+            for side in ("best", "reference"):
+                c = entry[side]
+                if c is None:
+                    continue
+                name = _fid_name(c)
+                if name not in scored:
+                    path = self.out / "fid" / f"{name}.json"
+                    saved = read_json_file(path, "FID record") if path.is_file() else None
+                    if saved is not None and saved.get("n") == n and len(saved["fid"].get("replicates", [])) == boot:
+                        scored[name] = saved
+                    else:  # new, or scored at another study.fid_headline / bootstrap
+                        samples, nfe, wall = draw_samples(runs[c["T"]], priors[c["T"]][c["prior"]], c["T"],
+                                                          c["sampler"], c["steps"], s["n_samples"],
+                                                          seed=self.config["seed"], eps=s["sample_eps"],
+                                                          precision=s["sample_precision"], **options)
+                        t0 = time.perf_counter()
+                        fid = quality_metrics(samples[:n], dataset.name, ("fid",), n_reference=n,
+                                              reference_split=self._splits(dataset)[0], seed=self.config["seed"],
+                                              progress=self.progress, bootstrap=boot)["fid"]
+                        grid = f"fid/{name}.png"
+                        save_samples_figure(samples[: s["grid_images"]], self.out / grid,
+                                            title=f"T={c['T']:g}, {c['prior']} prior, {c['sampler']}, NFE={nfe}")
+                        scored[name] = {"configuration": {k: c[k] for k in ("T", "prior", "sampler", "steps", "nfe")},
+                                        "nfe": nfe, "n": n, "fid": fid, "sample_wall_s": wall,
+                                        "fid_wall_s": time.perf_counter() - t0, "grid": grid}
+                        save_json(path, scored[name])
+                fid = scored[name]["fid"]
+                row[side] = {**scored[name]["configuration"], "fid": fid["value"], "fid_se": fid.get("se"),
+                             metric: c["value"], "grid": scored[name]["grid"]}
+            if "best" in row and "reference" in row:
+                diff = quality_difference(scored[_fid_name(row["best"])]["fid"],
+                                          scored[_fid_name(row["reference"])]["fid"], "fid")
+                row["difference"] = None if diff is None else {**diff.to_dict(), "resolved": diff.resolved}
+            rows.append(row)
+        return {"rows": rows, "reference_split": self._splits(dataset)[0], "n_samples": n, "n_reference": n,
+                "bootstrap": boot, "work_s": sum(r["sample_wall_s"] + r["fid_wall_s"] for r in scored.values()),
+                "wall_s": time.perf_counter() - start}
+
+    # --- the whole study ---------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Measure every missing cell and write the report, holding the study directory's lock."""
+        if self.out.exists() and not self.out.is_dir():
+            raise DifftimeError(f"{self.out} exists and is not a directory; choose a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.out / LOCK_FILE, f"study {self.out}"):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
+        self._claim_directory()
+        s = self.settings
+        run_dirs = self._run_dirs()
+        start_all = time.perf_counter()
+        dataset = load_data(self.config["data"], seed=self.config["seed"])
+        training: dict[str, Any] = {}
+        if self.pretrained is None:
+            for T, run_dir in run_dirs.items():
+                if str(run_dir) not in training:
+                    T_train = self.config["train"]["T"] if s["mode"] == "truncate" else T
+                    training[str(run_dir)] = self._train(run_dir, T_train, dataset)
+
+        floor = self._data_floor(dataset)
+        T_ref = max(s["T_grid"])
+        sweep = sorted({steps_for_horizon(T, s["steps_per_unit_time"]) for T in s["T_grid"] if T < T_ref})
+        cells = [(T, family) for T in s["T_grid"] for family in s["priors"]]
+        loaded = {path: load_run(path) for path in dict.fromkeys(run_dirs.values())}
+        for path, run in loaded.items():
+            if run.config["resolved"]["data"] != dataset.name:
+                raise DifftimeError(f"{path} was trained on {run.config['resolved']['data']!r}, "
+                                    f"but the study's data is {dataset.name!r}")
+        runs = {T: loaded[run_dirs[T]] for T in s["T_grid"]}
+        # Every prior first: the likelihood stage pairs all cells, so it needs them all.
+        priors: dict[float, dict[str, Any]] = {}
+        prior_info: dict[tuple[float, str], dict[str, Any]] = {}
+        for T in s["T_grid"]:
+            priors[T] = {}
+            for family in s["priors"]:
+                start = time.perf_counter()
+                priors[T][family], info = self._prior(runs[T], family, T, dataset)
+                prior_info[T, family] = {**info, "wall_s": time.perf_counter() - start}
+        likelihood = self._likelihood(runs, priors, dataset)
+        # The model's own marginal at T is N(0, I) at T_max carried down by its PF-ODE, which needs a
+        # network trained up to T_max: per-T runs stop at their T, so they have no headroom.
+        headroom = ([self._headroom(runs[T], priors[T], T, dataset) for T in s["T_grid"]]
+                    if s["headroom_n"] and s["mode"] == "truncate" else [])
+        by_cell: dict[tuple[float, str], dict[str, Any]] = {}
+        bar = tqdm(total=len(cells), desc="study", unit="cell", disable=not self.progress, position=0)
+        with bar:
+            for T, family in cells:
+                path = self.out / "cells" / f"{cell_name(T, family)}.json"
+                if path.is_file():
+                    # The likelihood stage is the source of a cell's likelihood figures (it may have been
+                    # recomputed for a changed grid since the cell was written).
+                    by_cell[T, family] = {**read_json_file(path, "study cell"),
+                                          "likelihood": likelihood["cells"][f"{T:g}"][family]}
+                else:
+                    bar.set_postfix_str(f"T={T:g} {family}")
+                    run = runs[T]
+                    T_c, eps = run.sde.check_horizon(T)
+                    info = prior_info[T, family]
+                    wall = {"prior_fit_s": info.pop("wall_s"), "likelihood_s": likelihood["wall_s"] / len(cells)}
+                    by_cell[T, family] = self._cell(T_c, eps, family, priors[T][family], info,
+                                                    likelihood["cells"][f"{T:g}"][family], wall, run, dataset,
+                                                    sweep if T == T_ref and family == "standard" else [])
+                bar.update(1)
+        results = [by_cell[key] for key in cells]
+        fid_headline = self._fid_headline(results, runs, priors, dataset, T_ref) if s["fid_headline"] else None
+        summary = {"config": self.config, "settings": s, "run": self.pretrained, "training": training,
+                   "data_floor": floor, "likelihood_paired": likelihood["paired"], "headroom": headroom,
+                   "elbo_design": likelihood["elbo_design"], "likelihood_wall_s": likelihood["wall_s"],
+                   "versions": versions(), "cells": results, "T_ref": T_ref,
+                   "n_cells": len(cells), "fid_headline": fid_headline,
+                   "wall_s_this_invocation": time.perf_counter() - start_all}
+        write_report(summary, self.out)
+        return summary
