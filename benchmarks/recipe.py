@@ -225,8 +225,8 @@ def cmd_report(args: argparse.Namespace) -> None:
              f"Inception FID {_fmt(floor['fid'])}; classifier KID of 2000 training images: "
              f"{_fmt(floor['kid'])}.", "",
              "All samples: dpm++2m from T = 1 with the standard prior, the same x_T seeds for every row "
-             "(bf16 network). Classifier KID (the study's units) on 2000 samples against the test split; FID on the first 1000 against "
-             "1000 test images.", "",
+             "(bf16 network). Classifier KID (the study's units) on 2000 samples against the test split; "
+             "FID on the first 1000 against 1000 test images.", "",
              "| recipe | step | train min | KID, NFE 10 | FID, NFE 10 | FID, NFE 20 | FID 20 minus 10 "
              "| PF-ODE bits/dim |",
              "|---|---|---|---|---|---|---|---|"]

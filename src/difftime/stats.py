@@ -57,7 +57,7 @@ def normal_quantile(level: float) -> float:
 
 def mean_se(values: ArrayLike) -> tuple[float, float]:
     """The mean of 1-D per-example values and its standard error sd/sqrt(n), in float64 (nan for one value)."""
-    values = torch.as_tensor(values, dtype=torch.float64)
+    values = torch.as_tensor(values).detach().to(torch.float64)
     n = len(values)
     se = float(values.std(correction=1)) / math.sqrt(n) if n > 1 else math.nan
     return float(values.mean()), se
