@@ -58,7 +58,7 @@ def _measure(name: str, args: argparse.Namespace) -> dict:
         run = digits_run()
         if name == "sample-difftime":
             prior = flow_prior(run, 0.4)
-            work = lambda: draw_samples(run, prior, 0.4, "heun", (args.nfe - 1) // 2, args.n)  # noqa: E731
+            work = lambda: draw_samples(run, prior, 0.4, "heun", (args.nfe - 1) // 2, args.n, eps=run.sde.eps)  # noqa: E731
         else:
             work = lambda: diffusers_sample(run, "dpm++", args.nfe, args.n)  # noqa: E731
     gc.collect()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ from difftime.plots import save_samples_figure
 from difftime.run import checkpoint_dir, load_run
 from difftime.stats import paired_difference
 from difftime.study import frontier_steps, sample_eps
-from difftime.study.analysis import quality_difference
+from difftime.study.analysis import ci_text, quality_difference
 from difftime.training import Trainer
 
 PRESET = "mnist-cpu"
@@ -107,12 +108,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 # --- score -----------------------------------------------------------------------------------
-def _load_checkpoint(run_dir: Path, step: int):
+def _load_checkpoint(run_dir: Path, step: int, weights: str = "ema"):
     run = load_run(run_dir)
     folder = checkpoint_dir(run_dir, step)
     state = read_json_file(folder / "state.json", "checkpoint state")
-    load_state_dict_strict(run.model, load_tensors(folder / "ema.safetensors", state["sha256"]["ema.safetensors"]),
-                           folder / "ema.safetensors")
+    file = folder / f"{weights}.safetensors"
+    load_state_dict_strict(run.model, load_tensors(file, state["sha256"][file.name]), file)
     run.model.eval()
     return run
 
@@ -152,7 +153,7 @@ def score_checkpoint(run, nfes: tuple[int, ...], nll: bool, grid: Path | None) -
         out[f"nfe{nfe}"] = {"kid": kid, "fid": fid, "sample_wall_s": wall}
         if grid is not None:
             save_samples_figure(samples[:64], grid.with_name(f"{grid.stem}-nfe{nfe}.png"),
-                                title=f"{grid.parent.name}, dpm++2m, NFE {nfe}, T = 1, standard prior")
+                                title=f"{grid.parent.parent.name} {grid.stem}, dpm++2m, NFE {nfe}, T = 1")
     if len(nfes) == 2:
         a, b = (out[f"nfe{n}"]["fid"] for n in nfes)
         diff = quality_difference(b, a, "fid")
@@ -174,7 +175,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     walls = read_json_file(run_dir / "wall.json", "wall record")
     steps = sorted(int(k) for k in walls if k.isdigit())
     final = steps[-1]
-    path = run_dir / "scores.json"
+    # The EMA weights are the run's result; --weights model scores the raw weights beside them.
+    path = run_dir / ("scores.json" if args.weights == "ema" else f"scores-{args.weights}.json")
     scores = read_json_file(path, "scores") if path.is_file() else {}
     chosen = [s for s in steps if not args.steps or s in args.steps]
     for step in chosen:
@@ -182,10 +184,11 @@ def cmd_score(args: argparse.Namespace) -> None:
         key = str(step)
         if key in scores and (not full or "nll" in scores[key]):
             continue
-        run = _load_checkpoint(run_dir, step)
+        run = _load_checkpoint(run_dir, step, args.weights)
         nfes = (10, 20) if full else (10,)
         t0 = time.perf_counter()
-        rec = score_checkpoint(run, nfes, full, run_dir / "grids" / f"step-{step}.png")
+        grid = run_dir / "grids" / f"step-{step}{'' if args.weights == 'ema' else '-' + args.weights}.png"
+        rec = score_checkpoint(run, nfes, full, grid)
         rec.update(step=step, train_wall_s=walls[key], score_wall_s=time.perf_counter() - t0)
         scores[key] = rec
         atomic_write_bytes(path, json.dumps(scores, indent=1).encode())
@@ -203,11 +206,6 @@ def _nll_text(nll: dict[str, Any] | None) -> str:
     return "-" if nll is None else f"{nll['bpd']:.4f} +- {nll['se']:.4f}"
 
 
-def _interval(d: dict[str, Any]) -> str:
-    lo, hi = sorted((d["low"], d["high"]))
-    return f"{d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
 def cmd_report(args: argparse.Namespace) -> None:
     from matplotlib.figure import Figure
 
@@ -218,7 +216,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     for r in args.runs:
         r = Path(r)
         if (r / "scores.json").is_file():
-            runs[r.name] = {"scores": read_json_file(r / "scores.json", "scores"),
+            runs[r.name] = {"dir": str(r), "scores": read_json_file(r / "scores.json", "scores"),
                             "config": read_json_file(r / "config.json", "run config")["config"]}
     lines = ["# Training recipes for the 28x28 model at equal wall-clock budget", "",
              f"Real-data floor at the same n (1000 training images against the same 1000 test images): "
@@ -239,21 +237,39 @@ def cmd_report(args: argparse.Namespace) -> None:
             nll = sc.get("nll")
             lines.append(f"| {name} | {key} | {sc['train_wall_s'] / 60:.1f} | {_fmt(sc['nfe10']['kid'])} | "
                          f"{_fmt(sc['nfe10']['fid'])} | {_fmt(n20['fid']) if n20 else '-'} | "
-                         f"{_interval(diff) if diff else '-'} | "
+                         f"{ci_text(diff, digits=2) if diff else '-'} | "
                          f"{_nll_text(nll)} |")
             if nll:
                 finals[name] = sc
     if "baseline" in finals and len(finals) > 1:
-        lines += ["", "PF-ODE bits/dim on the same 200 test images, paired per image against the baseline:", ""]
-        base = np.asarray(finals["baseline"]["nll"]["per_example"])
+        lines += ["", "Each recipe's last checkpoint minus the baseline's, paired: PF-ODE bits/dim per test image; "
+                  "KID and FID by bootstrap replicates that share their resampling counts, on samples that share "
+                  "their x_T seeds (95% intervals):", ""]
+        base = finals["baseline"]
         for name, sc in finals.items():
-            if name != "baseline":
-                d = paired_difference(np.asarray(sc["nll"]["per_example"]), base).to_dict()
-                lines.append(f"- {name} minus baseline: {_interval(d)} bits/dim")
+            if name == "baseline":
+                continue
+            nll = paired_difference(np.asarray(sc["nll"]["per_example"]), np.asarray(base["nll"]["per_example"]))
+            parts = [f"PF-ODE {ci_text(nll, digits=4)} bits/dim"]
+            for nfe in ("nfe10", "nfe20"):
+                for metric in ("kid", "fid"):
+                    d = quality_difference(sc[nfe][metric], base[nfe][metric], metric)
+                    if d is not None:
+                        parts.append(f"{metric.upper()} at {nfe[3:]} NFE {ci_text(d, digits=2)}")
+            lines.append(f"- {name} minus baseline: " + "; ".join(parts))
     lines += ["", "The recipes (overrides on the `mnist-cpu` network):", ""]
     for name in runs:
         lines.append(f"- `{name}`: `{json.dumps(RECIPES.get(name, {}))}`")
-    lines += ["", "![quality against training minutes](quality_vs_minutes.png)"]
+    lines += ["", "![quality against training minutes](quality_vs_minutes.png)", "",
+              "Samples of each recipe's last checkpoint (the same x_T seeds):", ""]
+    for name, rec in runs.items():
+        last = max(rec["scores"], key=int)
+        for nfe in (10, 20):
+            grid = Path(rec["dir"]) / "grids" / f"step-{last}-nfe{nfe}.png"
+            if grid.is_file():
+                (out / "grids").mkdir(exist_ok=True)
+                shutil.copyfile(grid, out / "grids" / f"{name}-nfe{nfe}.png")
+                lines.append(f"![{name}, step {last}, NFE {nfe}](grids/{name}-nfe{nfe}.png)")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
     fig = Figure(figsize=(10, 4))
@@ -292,6 +308,7 @@ def main() -> None:
     p.add_argument("run")
     p.add_argument("--steps", type=int, nargs="*", help="checkpoints to score (default: all)")
     p.add_argument("--full", action="store_true", help="the last checkpoint also at NFE 20 and its PF-ODE NLL")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("report")
     p.add_argument("runs", nargs="+")

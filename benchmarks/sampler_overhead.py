@@ -14,7 +14,7 @@ import time
 import torch
 from common import digits_run, row, standalone
 
-from difftime.sampling import SAMPLERS
+from difftime.sampling import SAMPLERS, default_spacing, timesteps
 
 NAMES = {"em": "Euler-Maruyama", "pc": "predictor-corrector", "euler": "PF-ODE Euler", "heun": "PF-ODE Heun"}
 
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> dict:
         for _ in range(args.repeats):
             before = bare_forward()
             t0 = time.perf_counter()
-            _, nfe = SAMPLERS[name](model, sde, x_T, 1.0, sde.eps, args.steps, generator=gen)
+            ts = timesteps(sde, 1.0, sde.eps, args.steps, default_spacing(name))
+            _, nfe = SAMPLERS[name](model, sde, x_T, ts, generator=gen)
             per_nfe.append((time.perf_counter() - t0) / nfe)
             fwd.append((before + bare_forward()) / 2)  # the forward pass timed on both sides of the sampler
         ours, bare = statistics.median(per_nfe), statistics.median(fwd)

@@ -25,7 +25,7 @@ from difftime.io import atomic_write_bytes, save_json
 from difftime.metrics import quality_metrics
 from difftime.run import load_run
 
-# name -> (sampler, spacing, eps, NFE -> steps)
+# name -> (sampler, spacing, eps (None: the run's training eps, sde.eps), NFE -> steps)
 CONFIGS = {
     "old defaults: em, time grid, eps 1e-5": ("em", "time", None, lambda nfe: nfe - 1),
     "heun, time grid, eps 1e-5": ("heun", "time", None, lambda nfe: (nfe - 1) // 2),
@@ -75,8 +75,8 @@ def main() -> None:
             steps = steps_of(nfe)
             fds[name], got = [], None
             for seed in range(args.seeds):
-                x, got, _ = draw_samples(run, prior, run.T_train, sampler, steps, args.n, seed=seed, eps=eps,
-                                         spacing=spacing)
+                x, got, _ = draw_samples(run, prior, run.T_train, sampler, steps, args.n, seed=seed,
+                                         eps=eps if eps is not None else run.sde.eps, spacing=spacing)
                 q = quality_metrics(x, spec, ("fd",), reference_split=args.reference, seed=seed, progress=False)
                 fds[name].append(q["fd"]["value"])
             mean, half = t_interval(fds[name])

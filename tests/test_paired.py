@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from difftime.errors import DifftimeError
 from difftime.likelihood import ELBO_DESIGNS, elbo_across_T
 from difftime.sde import VESDE, VPSDE
 from difftime.stats import adjacent_differences, normal_quantile, paired_difference, unpaired_difference
@@ -50,7 +51,7 @@ def _entropy(sde, eps: float) -> float:
 
 def _paired_elbo(design: str, Ts, seed: int, n_t: int = 64, priors=None, sde_name: str = "vp"):
     sde = SDES[sde_name]
-    return elbo_across_T(ExactGaussianEps(sde, MU, LAM), sde, _data(), Ts, priors or StandardNormal(), eps=EPS,
+    return elbo_across_T(ExactGaussianEps(sde, MU, LAM), sde, _data(), priors or StandardNormal(), Ts, eps=EPS,
                          n_t=n_t, n_prior=4, generator=torch.Generator().manual_seed(seed), design=design)
 
 
@@ -122,7 +123,7 @@ def test_draws_are_stratified_and_shared_across_T(design):
     sde, n_t, Ts = SDES["vp"], 8, [0.3, 0.7]
     x = _data()[:50]
     model = Recording(sde)
-    elbo_across_T(model, sde, x, Ts, StandardNormal(), eps=EPS, n_t=n_t, n_prior=2, chunk=64,
+    elbo_across_T(model, sde, x, StandardNormal(), Ts, eps=EPS, n_t=n_t, n_prior=2, chunk=64,
                   generator=torch.Generator().manual_seed(5), design=design)
     xt = torch.cat([c[0] for c in model.calls])
     t = torch.cat([c[1] for c in model.calls])
@@ -168,9 +169,9 @@ def test_priors_may_be_a_mapping_a_callable_or_one_prior():
     assert torch.equal(one.score, mapping.score) and not torch.equal(one.prior, mapping.prior)
     terms = mapping.terms(1)
     assert torch.equal(terms.total, mapping.total[1]) and terms.total_se.shape == (N,)
-    with pytest.raises(ValueError, match="no prior for T=0.6"):
+    with pytest.raises(DifftimeError, match="no prior for T=0.6"):
         _paired_elbo("inverse_cdf", Ts, seed=7, n_t=4, priors={0.3: StandardNormal()})
-    with pytest.raises(ValueError, match="design"):
+    with pytest.raises(DifftimeError, match="design"):
         _paired_elbo("bogus", Ts, seed=7, n_t=4)
 
 
@@ -228,7 +229,6 @@ def test_likelihood_across_T_n_nll_solves_the_first_examples_only(tiny_run, one_
     """``n_nll`` runs the PF-ODE on the first n_nll examples: their bits/dim equal a run on those
     examples alone (the same dequantization rows, the same probes), while the ELBO keeps all."""
     from difftime.data import load_data
-    from difftime.errors import DifftimeError
     from difftime.evaluation import likelihood_across_T
     from difftime.priors import StandardPrior
     from difftime.run import load_run

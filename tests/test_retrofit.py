@@ -24,7 +24,7 @@ from difftime.errors import DifftimeError  # noqa: E402
 from difftime.nets.diffusers import KERNEL_TOL, DiffusersEps, check_schedule, check_unet_config  # noqa: E402
 from difftime.priors import StandardPrior  # noqa: E402
 from difftime.run import load_run  # noqa: E402
-from difftime.sampling import predictor_corrector  # noqa: E402
+from difftime.sampling import predictor_corrector, timesteps  # noqa: E402
 
 N = 200  # betas 5e-4..0.1: N beta_1 = 0.1 and N beta_N = 20, difftime's default VP
 UNET = dict(
@@ -211,7 +211,8 @@ def test_sampler_matches_ddpm_pipeline_from_the_same_seed(run_dir, ddpm_dir):
     def ours(model):
         g = torch.Generator().manual_seed(1)
         x_T = StandardPrior.for_sde(run.sde, 1.0, run.shape).sample(n, generator=g)
-        x0, nfe = predictor_corrector(model, run.sde, x_T, 1.0, run.sde.eps, N - 1, generator=g, corrector_steps=0)
+        ts = timesteps(run.sde, 1.0, run.sde.eps, N - 1, "time")
+        x0, nfe = predictor_corrector(model, run.sde, x_T, ts, generator=g, corrector_steps=0)
         assert nfe == N
         return (x0 / 2 + 0.5).clamp(0, 1)
 

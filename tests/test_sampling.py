@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from conftest import CountingModel
+from difftime.errors import DifftimeError
 from difftime.priors import GaussianPrior
-from difftime.sampling import SAMPLERS, time_grid
+from difftime.sampling import (
+    DEFAULT_SAMPLE_EPS,
+    SAMPLER_SPACINGS,
+    SAMPLERS,
+    SampleResult,
+    default_sample_eps,
+    default_spacing,
+    sample,
+    time_grid,
+    timesteps,
+)
 from difftime.sde import VESDE, VPSDE
 from difftime.testing import ExactGaussianEps, GaussianMarginal
 
@@ -28,7 +41,9 @@ def _run(name, sde, T, steps, seed=0, prior=None, **kw):
     gen = torch.Generator().manual_seed(seed)
     prior = prior or GaussianMarginal(sde, MU, LAM, T)
     x_T = prior.sample(N, generator=gen)
-    x0, nfe = SAMPLERS[name](model, sde, x_T, T, sde.eps, steps, generator=gen, **kw)
+    # dopri5 chooses its own steps and reads only the ends of its grid
+    ts = timesteps(sde, T, sde.eps, steps or 1, default_spacing(name))
+    x0, nfe = SAMPLERS[name](model, sde, x_T, ts, generator=gen, **kw)
     assert nfe == model.calls, f"{name} reported NFE {nfe} but made {model.calls} network calls"
     return x0, nfe
 
@@ -117,5 +132,51 @@ def test_nfe_counts():
     for name, steps, expected in (("em", 7, 8), ("euler", 7, 8), ("heun", 7, 15), ("pc", 7, 15)):
         model = CountingModel(ExactGaussianEps(sde, MU, LAM))
         x_T = torch.zeros(3, 2, dtype=torch.float64)
-        _, nfe = SAMPLERS[name](model, sde, x_T, 0.5, sde.eps, steps)
+        _, nfe = SAMPLERS[name](model, sde, x_T, timesteps(sde, 0.5, sde.eps, steps, "time"))
         assert nfe == expected == model.calls, name
+
+
+# --- the calling convention (docs/design.md §5) -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_has_the_one_calling_convention(name):
+    """(model, sde, x, ts) by position, everything else keyword-only, generator and denoise included."""
+    params = list(inspect.signature(SAMPLERS[name]).parameters.values())
+    assert [p.name for p in params[:4]] == ["model", "sde", "x", "ts"]
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params[:4])
+    rest = {p.name: p for p in params[4:]}
+    assert all(p.kind is p.KEYWORD_ONLY for p in rest.values()), name
+    assert rest["generator"].default is None and rest["denoise"].default is True
+    assert "spacing" not in rest and "steps" not in rest
+    sde = VPSDE()
+    x_T = torch.zeros(3, 2, dtype=torch.float64)
+    result = SAMPLERS[name](ExactGaussianEps(sde, MU, LAM), sde, x_T, timesteps(sde, 0.5, 1e-3, 3, "time"),
+                            generator=torch.Generator().manual_seed(0))
+    assert isinstance(result, SampleResult) and result.x is result[0] and result.nfe == result[1]
+
+
+def test_sample_builds_the_grid_from_the_default_spacing_table_and_ends_at_the_default_sample_eps():
+    sde = VPSDE()
+    model = ExactGaussianEps(sde, MU, LAM)
+    prior = GaussianMarginal(sde, MU, LAM, 0.5)
+    assert set(SAMPLER_SPACINGS) == set(SAMPLERS)
+    assert {default_spacing(n) for n in ("em", "pc", "euler", "heun", "dopri5")} == {"time"}
+    assert {default_spacing(n) for n in ("ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "ipndm")} == {"logsnr"}
+    assert default_sample_eps(sde) == max(DEFAULT_SAMPLE_EPS, sde.eps) == 1e-3
+    assert default_sample_eps(VPSDE(eps=0.01)) == 0.01
+    for name in sorted(SAMPLERS):
+        for spacing, eps in ((None, None), ("karras", None), ("quadratic", sde.eps)):
+            got = sample(model, sde, prior, 0.5, n=6, sampler=name, steps=4, spacing=spacing, eps=eps,
+                         generator=torch.Generator().manual_seed(1), batch=4)
+            g = torch.Generator().manual_seed(1)
+            x_T = prior.sample(6, generator=g)
+            ts = timesteps(sde, 0.5, 1e-3 if eps is None else eps, 4, spacing or default_spacing(name))
+            want = [SAMPLERS[name](model, sde, x_T[:4], ts, generator=g), SAMPLERS[name](model, sde, x_T[4:], ts,
+                                                                                     generator=g)]
+            assert isinstance(got, SampleResult) and got.nfe == want[1].nfe, name
+            assert torch.equal(got.x, torch.cat([w.x for w in want])), (name, spacing, eps)
+    with pytest.raises(DifftimeError, match="spacing"):
+        sample(model, sde, prior, 0.5, n=2, sampler="heun", steps=4, spacing="cosine")
+    with pytest.raises(TypeError):
+        sample(model, sde, prior, 2, 0.5)  # n is keyword-only: (model, sde, prior, T) lead

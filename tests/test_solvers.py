@@ -20,6 +20,8 @@ from difftime.sampling import (
     SAMPLERS,
     SPACINGS,
     adams_bashforth_coefficients,
+    default_spacing,
+    sample,
     time_grid,
     timesteps,
 )
@@ -35,6 +37,11 @@ DETERMINISTIC = ("ddim", "dpm++2m", "dpm++3m", "ipndm")
 
 def _sdes():
     return [VPSDE(), SubVPSDE(), VESDE(sigma_min=0.01, sigma_max=20.0)]
+
+
+def _sampler(name, model, sde, x_T, T, eps, steps, spacing=None, **kw):
+    """SAMPLERS[name] on timesteps(sde, T, eps, steps) at ``spacing`` or the sampler's default spacing."""
+    return SAMPLERS[name](model, sde, x_T, timesteps(sde, T, eps, steps, spacing or default_spacing(name)), **kw)
 
 
 def _flow_map(sde, x_T, T, t):
@@ -95,32 +102,45 @@ def test_bad_grids_are_one_line_errors_that_list_the_choices():
     model = ExactGaussianEps(sde, MU, LAM)
     for bad in ([0.5, 0.5, 0.1], [0.1, 0.5], [1.5, 0.5, 0.1], [0.5, 0.1, 0.0], [0.5]):
         with pytest.raises(DifftimeError):
-            SAMPLERS["dpm++2m"](model, sde, x, None, None, None, ts=bad)
+            SAMPLERS["dpm++2m"](model, sde, x, bad)
+    prior = GaussianMarginal(sde, MU, LAM, 1.0)
     with pytest.raises(DifftimeError, match="spacing"):
-        SAMPLERS["heun"](model, sde, x, 1.0, 1e-3, 4, spacing="cosine")
+        sample(model, sde, prior, 1.0, n=2, sampler="heun", steps=4, spacing="cosine")
 
 
-def test_an_explicit_grid_defines_T_eps_and_steps():
+def test_the_grid_defines_T_eps_and_steps_as_a_tensor_or_a_list():
     sde = VPSDE()
     model = ExactGaussianEps(sde, MU, LAM)
     x_T = GaussianMarginal(sde, MU, LAM, 0.8).sample(16, torch.Generator().manual_seed(0))
     for name in ("em", "euler", "heun", "pc", "ddim", "dpm++3m", "ipndm"):
         grid = timesteps(sde, 0.8, 1e-3, 9, "karras")
         kw = {"generator": torch.Generator().manual_seed(3)}
-        a, nfe_a = SAMPLERS[name](model, sde, x_T, 0.8, 1e-3, 9, spacing="karras", **kw)
+        a, nfe_a = SAMPLERS[name](model, sde, x_T, grid, **kw)
         kw = {"generator": torch.Generator().manual_seed(3)}
-        b, nfe_b = SAMPLERS[name](model, sde, x_T, None, None, None, ts=grid.tolist(), **kw)
-        assert torch.equal(a, b) and nfe_a == nfe_b, name
+        b, nfe_b = SAMPLERS[name](model, sde, x_T, grid.tolist(), **kw)
+        assert torch.equal(a, b) and nfe_a == nfe_b == 9 + 9 * (name in ("heun", "pc")) + 1, name
+
+
+def test_dopri5_reads_only_the_ends_of_its_grid():
+    sde = VPSDE()
+    model = ExactGaussianEps(sde, MU, LAM)
+    x_T = GaussianMarginal(sde, MU, LAM, 0.8).sample(16, torch.Generator().manual_seed(0))
+    a = SAMPLERS["dopri5"](model, sde, x_T, [0.8, 1e-3])
+    b = SAMPLERS["dopri5"](model, sde, x_T, timesteps(sde, 0.8, 1e-3, 9, "karras"))
+    assert torch.equal(a.x, b.x) and a.nfe == b.nfe
 
 
 def test_classic_samplers_default_to_the_uniform_time_grid():
     sde = VPSDE()
     model = ExactGaussianEps(sde, MU, LAM)
-    x_T = GaussianMarginal(sde, MU, LAM, 0.5).sample(8, torch.Generator().manual_seed(0))
+    prior = GaussianMarginal(sde, MU, LAM, 0.5)
     for name in ("em", "pc", "euler", "heun"):
-        a, _ = SAMPLERS[name](model, sde, x_T, 0.5, 1e-3, 6, generator=torch.Generator().manual_seed(1))
-        b, _ = SAMPLERS[name](model, sde, x_T, None, None, None, generator=torch.Generator().manual_seed(1),
-                              ts=time_grid(0.5, 1e-3, 6, F64))
+        assert default_spacing(name) == "time"
+        a, _ = sample(model, sde, prior, 0.5, n=8, eps=1e-3, sampler=name, steps=6,
+                      generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(1)
+        x_T = prior.sample(8, generator=g)
+        b, _ = SAMPLERS[name](model, sde, x_T, time_grid(0.5, 1e-3, 6, F64), generator=g)
         assert torch.equal(a, b), name
 
 
@@ -154,7 +174,7 @@ def test_deterministic_samplers_converge_with_their_order(sde, T):
     for name in DETERMINISTIC:
         errors = []
         for n in STEPS:
-            x, nfe = SAMPLERS[name](model, sde, x_T, T, eps, n, denoise=False)
+            x, nfe = _sampler(name, model, sde, x_T, T, eps, n, denoise=False)
             assert nfe == n
             errors.append(float((x - exact).abs().max()))
         assert errors[-1] > 1e-9, (name, errors)  # far from the float64 floor, and not exact by accident
@@ -172,12 +192,12 @@ def test_ipndm_is_adams_bashforth_with_the_classic_coefficients_on_a_uniform_gri
     model = ExactGaussianEps(sde, MU, LAM)
     x_T = GaussianMarginal(sde, MU, LAM, 0.7).sample(32, torch.Generator().manual_seed(0))
     grid = timesteps(sde, 0.7, 1e-3, 9, "karras", rho=1.0)
-    a, _ = SAMPLERS["ipndm"](model, sde, x_T, None, None, None, ts=grid)
-    b, _ = SAMPLERS["ipndm"](model, sde, x_T, None, None, None, ts=grid, variable_step=False)
+    a, _ = SAMPLERS["ipndm"](model, sde, x_T, grid)
+    b, _ = SAMPLERS["ipndm"](model, sde, x_T, grid, variable_step=False)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # on the log-SNR grid they differ
-    c, _ = SAMPLERS["ipndm"](model, sde, x_T, 0.7, 1e-3, 9)
-    d, _ = SAMPLERS["ipndm"](model, sde, x_T, 0.7, 1e-3, 9, variable_step=False)
+    c, _ = _sampler("ipndm", model, sde, x_T, 0.7, 1e-3, 9)
+    d, _ = _sampler("ipndm", model, sde, x_T, 0.7, 1e-3, 9, variable_step=False)
     assert float((c - d).abs().max()) > 1e-3
 
 
@@ -186,13 +206,13 @@ def test_dpmpp_3m_falls_back_to_lower_order_on_short_runs():
     model = ExactGaussianEps(sde, MU, LAM)
     x_T = GaussianMarginal(sde, MU, LAM, 1.0).sample(32, torch.Generator().manual_seed(0))
     for denoise in (True, False):
-        one, nfe = SAMPLERS["dpm++3m"](model, sde, x_T, 1.0, 1e-3, 1, denoise=denoise)
+        one, nfe = _sampler("dpm++3m", model, sde, x_T, 1.0, 1e-3, 1, denoise=denoise)
         assert nfe == 1 + denoise and torch.isfinite(one).all()
-        assert torch.equal(one, SAMPLERS["ddim"](model, sde, x_T, 1.0, 1e-3, 1, denoise=denoise)[0])
-        two, nfe = SAMPLERS["dpm++3m"](model, sde, x_T, 1.0, 1e-3, 2, denoise=denoise, corrected_start=False)
+        assert torch.equal(one, _sampler("ddim", model, sde, x_T, 1.0, 1e-3, 1, denoise=denoise).x)
+        two, nfe = _sampler("dpm++3m", model, sde, x_T, 1.0, 1e-3, 2, denoise=denoise, corrected_start=False)
         assert nfe == 2 + denoise and torch.isfinite(two).all()
-        assert torch.equal(two, SAMPLERS["dpm++2m"](model, sde, x_T, 1.0, 1e-3, 2, denoise=denoise)[0])
-        three, _ = SAMPLERS["dpm++3m"](model, sde, x_T, 1.0, 1e-3, 2, denoise=denoise)
+        assert torch.equal(two, _sampler("dpm++2m", model, sde, x_T, 1.0, 1e-3, 2, denoise=denoise).x)
+        three, _ = _sampler("dpm++3m", model, sde, x_T, 1.0, 1e-3, 2, denoise=denoise)
         assert torch.isfinite(three).all()
 
 
@@ -206,8 +226,8 @@ def test_nfe_is_the_number_of_network_calls(name):
     for steps in (1, 2, 7):
         for denoise in (True, False):
             model = CountingModel(ExactGaussianEps(sde, MU, LAM))
-            x0, nfe = SAMPLERS[name](model, sde, x_T, 0.6, 1e-3, steps, generator=torch.Generator().manual_seed(0),
-                                     denoise=denoise)
+            x0, nfe = _sampler(name, model, sde, x_T, 0.6, 1e-3, steps, generator=torch.Generator().manual_seed(0),
+                               denoise=denoise)
             assert nfe == model.calls, (name, steps, denoise, nfe, model.calls)
             assert x0.shape == x_T.shape and torch.isfinite(x0).all()
             if name in NEW:
@@ -226,7 +246,7 @@ def test_dpmpp_2m_sde_is_reproducible_and_samples_the_data_distribution():
     def draw(seed, steps=50):
         g = torch.Generator().manual_seed(seed)
         x_T = GaussianMarginal(sde, mu, lam, T).sample(n, generator=g)
-        return SAMPLERS["dpm++2m-sde"](model, sde, x_T, T, 1e-3, steps, generator=g)[0]
+        return _sampler("dpm++2m-sde", model, sde, x_T, T, 1e-3, steps, generator=g).x
 
     a, b, c = draw(1), draw(1), draw(2)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -237,7 +257,7 @@ def test_dpmpp_2m_sde_is_reproducible_and_samples_the_data_distribution():
     # the same start through the deterministic dpm++2m differs sample by sample: the noise is used
     g = torch.Generator().manual_seed(1)
     x_T = GaussianMarginal(sde, mu, lam, T).sample(n, generator=g)
-    ode, _ = SAMPLERS["dpm++2m"](model, sde, x_T, T, 1e-3, 50)
+    ode, _ = _sampler("dpm++2m", model, sde, x_T, T, 1e-3, 50)
     assert float((ode - a).pow(2).mean().sqrt()) > 0.1 * float(lam.sqrt().min())
 
 
@@ -305,10 +325,10 @@ def test_ddim_matches_diffusers_ddim_scheduler(tiny_ddpm):
     scheduler.set_timesteps(10)
     assert scheduler.timesteps.tolist() == list(range(999, 0, -100))
     ref, calls = _run_scheduler(net, scheduler, x_T, eta=0.0)
-    ours, nfe = SAMPLERS["ddim"](net, sde, x_T, None, None, None, ts=times[scheduler.timesteps], denoise=True)
+    ours, nfe = SAMPLERS["ddim"](net, sde, x_T, times[scheduler.timesteps], denoise=True)
     assert nfe == calls == 10
     assert _rel(ours, ref) <= 2e-6  # the issue's bound is 1e-4; measured 7e-8 (diffusers' float32 alphas)
-    other, _ = SAMPLERS["dpm++2m"](net, sde, x_T, None, None, None, ts=times[scheduler.timesteps])
+    other, _ = SAMPLERS["dpm++2m"](net, sde, x_T, times[scheduler.timesteps])
     assert _rel(other, ref) > 1e-2  # the tolerance separates samplers
 
 
@@ -337,10 +357,10 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(tiny_ddpm, final_sigmas
     denoise = final_sigmas_type == "zero"
     if not denoise:
         ts = torch.cat([ts, times[:1]])
-    ours, nfe = SAMPLERS["dpm++2m"](net, sde, x_T, None, None, None, ts=ts, denoise=denoise)
+    ours, nfe = SAMPLERS["dpm++2m"](net, sde, x_T, ts, denoise=denoise)
     assert nfe == calls == 10
     # The issue's bound is 1e-4; measured 1.5e-7 and 1.8e-7 (diffusers' float32 sigmas). A first-order
     # instead of a second-order step from 200 to 100 moves the result by ~1.7e-5: 2e-6 tells them apart.
     assert _rel(ours, ref) <= 2e-6
-    other, _ = SAMPLERS["ddim"](net, sde, x_T, None, None, None, ts=ts, denoise=denoise)
+    other, _ = SAMPLERS["ddim"](net, sde, x_T, ts, denoise=denoise)
     assert _rel(other, ref) > 1e-3

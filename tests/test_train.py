@@ -181,3 +181,20 @@ def test_cifar10_preset_builds_and_takes_a_training_step_on_random_32x32_images(
     assert 35e6 < result.params < 37e6  # Ho et al.'s 35.7M
     run = load_run(tmp_path / "run")
     assert run.shape == (3, 32, 32) and isinstance(run.model, UNet)
+
+
+def test_resume_prunes_checkpoint_folders_a_kill_left_beyond_keep(tmp_path):
+    """A kill after the last save but before its pruning leaves one folder too many; the resume prunes it."""
+    import shutil
+
+    from difftime.run import checkpoint_dir, saved_checkpoints
+
+    data = load_data("digits")
+    trainer = Trainer(_digits_config(steps=6, ckpt_every=2, keep_checkpoints=2), data)
+    trainer.fit(tmp_path, progress=False)
+    assert [p.name for p in saved_checkpoints(tmp_path)] == ["step-00000004", "step-00000006"]
+    shutil.copytree(checkpoint_dir(tmp_path, 4), checkpoint_dir(tmp_path, 2))  # the folder the kill spared
+    resumed = Trainer(_digits_config(steps=6, ckpt_every=2, keep_checkpoints=2), data)
+    resumed.load(tmp_path)
+    assert resumed.step == 6
+    assert [p.name for p in saved_checkpoints(tmp_path)] == ["step-00000004", "step-00000006"]

@@ -5,7 +5,7 @@ The public API, resolved lazily on first use so that ``import difftime`` stays c
     import difftime as dt
     run = dt.load_run("runs/digits")
     prior = dt.GaussianPrior.fit(...)  # or dt.fit_prior / dt.load_prior
-    x0, nfe = dt.sample(run.model, run.sde, prior, n=64, T=0.4, eps=1e-3, sampler="dpm++2m", steps=10)
+    x0, nfe = dt.sample(run.model, run.sde, prior, 0.4, n=64, sampler="dpm++2m", steps=10)
 """
 
 from __future__ import annotations

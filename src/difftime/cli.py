@@ -194,7 +194,7 @@ def _sampler_options(args: argparse.Namespace, run) -> tuple[str, str, float, di
     flags take the library's defaults (``difftime.evaluation.sampling_defaults``)."""
     from difftime.evaluation import sampling_defaults
 
-    sampler, spacing, eps = sampling_defaults(args.sampler, args.spacing, args.eps, run.sde.eps)
+    sampler, spacing, eps = sampling_defaults(args.sampler, args.spacing, args.eps, run.sde)
     options: dict[str, Any] = {"spacing": spacing, "denoise": not args.no_denoise}
     if sampler == "pc":
         options["snr"] = args.snr
@@ -350,7 +350,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if quality:
         from difftime.metrics import quality_metrics
 
-        # Sampling ends at its own eps (--eps, default DEFAULT_SAMPLE_EPS); the likelihoods keep the run's.
+        # Sampling ends at its own eps (--eps, default sampling.default_sample_eps); the likelihoods keep the run's.
         sampler, spacing, sample_eps, options = _sampler_options(args, run)
         T, sample_eps = run.sde.check_horizon(T, sample_eps)
         steps = args.steps if args.steps_per_unit_time is None else steps_for_horizon(T, args.steps_per_unit_time)

@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,24 +19,25 @@ from tqdm.auto import tqdm
 
 from difftime.errors import DifftimeError
 from difftime.likelihood import bits_per_dim, elbo_across_T, full_precision, ode_flow, prior_draws_across_T
-from difftime.priors import StandardPrior, load_prior, prior_dir
+from difftime.priors import Prior, StandardPrior, load_prior, prior_dir
 from difftime.rng import stream_seed
 from difftime.run import Run
 from difftime.sampling import (
-    DEFAULT_SAMPLE_EPS,
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     check_spacing,
+    default_sample_eps,
     default_spacing,
     sample,
 )
+from difftime.sde import SDE
 from difftime.stats import Difference, mean_se, paired_difference
 
 LIKELIHOOD_METRICS = ("elbo", "nll")
 SAMPLE_PRECISIONS = ("fp32", "bf16")
 
 
-def resolve_prior(run: Run, family: str, T: float):
+def resolve_prior(run: Run, family: str, T: float) -> Prior:
     """The run's prior of ``family`` at T: built for ``standard``, loaded from priors/ otherwise."""
     T, _ = run.sde.check_horizon(T)
     if family == "standard":
@@ -55,9 +56,17 @@ def resolve_prior(run: Run, family: str, T: float):
     return prior
 
 
+class DrawnSamples(NamedTuple):
+    """What ``draw_samples`` returns; it unpacks as ``x, nfe, wall_s = ...``."""
+
+    x: np.ndarray  # the samples in data space (the scaler's decode)
+    nfe: int  # network calls per sample, the Tweedie call included
+    wall_s: float  # wall seconds of the sampling
+
+
 def draw_samples(
     run: Run,
-    prior,
+    prior: Prior,
     T: float,
     sampler: str,
     steps: int,
@@ -68,24 +77,29 @@ def draw_samples(
     batch: int = 500,  # 28x28 U-Net on CPU: 2.4 ms/image at 500 against 3.3 at 1000 (cache)
     precision: str = "fp32",
     **options: Any,
-) -> tuple[np.ndarray, int, float]:
+) -> DrawnSamples:
     """n data-space samples: x_T ~ prior, the reverse ``sampler`` on [eps, T], then unscaled.
 
-    Returns (samples, NFE per sample, wall seconds). One generator drives the prior draw and
-    every sampler batch, so a seed fixes the samples whatever the batch size. ``precision``
-    "bf16" runs the network under bfloat16 autocast (about 2.4x faster per call for the 28x28
-    U-Net on CPU); the sampler's own arithmetic stays in float32.
+    ``difftime.sampling.sample`` on the run's network and SDE, with its argument rule: (run, prior, T)
+    lead as (model, sde, prior, T) do there. ``sampler``, ``steps`` and ``n`` may still be given by
+    position too, as the benchmarks do. ``eps`` defaults to ``default_sample_eps(run.sde)`` and
+    ``options`` go to ``sample`` (``spacing``, ``denoise``, sampler options).
+
+    Returns ``DrawnSamples(x, nfe, wall_s)``: the samples, the NFE per sample and the wall seconds.
+    One generator drives the prior draw and every sampler batch, so a seed fixes the samples
+    whatever the batch size. ``precision`` "bf16" runs the network under bfloat16 autocast (about
+    2.4x faster per call for the 28x28 U-Net on CPU); the sampler's own arithmetic stays in float32.
     """
     if precision not in SAMPLE_PRECISIONS:
         raise DifftimeError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}, got {precision!r}")
-    T, eps = run.sde.check_horizon(T, eps)
+    T, eps = run.sde.check_horizon(T, default_sample_eps(run.sde) if eps is None else eps)
     generator = torch.Generator().manual_seed(seed)
     model = _BF16Network(run.model) if precision == "bf16" else run.model
     start = time.perf_counter()
-    x0, nfe = sample(model, run.sde, _Shaped(prior, run.shape), n, T, eps, sampler, steps, generator,
-                     batch=batch, **options)
+    x0, nfe = sample(model, run.sde, _Shaped(prior, run.shape), T, n=n, eps=eps, sampler=sampler, steps=steps,
+                     generator=generator, batch=batch, **options)
     wall = time.perf_counter() - start
-    return run.scaler.decode(x0).numpy(), nfe, wall
+    return DrawnSamples(run.scaler.decode(x0).numpy(), nfe, wall)
 
 
 class _BF16Network(torch.nn.Module):
@@ -103,7 +117,7 @@ class _BF16Network(torch.nn.Module):
 class _Shaped:
     """A prior whose draws are reshaped to the run's example shape, in float32."""
 
-    def __init__(self, prior: Any, shape: tuple[int, ...]) -> None:
+    def __init__(self, prior: Prior, shape: tuple[int, ...]) -> None:
         self.prior, self.shape = prior, shape
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -111,24 +125,24 @@ class _Shaped:
 
 
 def sampling_defaults(sampler: str | None, spacing: str | None, eps: float | None,
-                      sde_eps: float) -> tuple[str, str, float]:
+                      sde: SDE) -> tuple[str, str, float]:
     """(sampler, spacing, eps) of a run's samples, the unset ones (None) at the library's defaults
     (difftime.sampling): DEFAULT_SAMPLER; DEFAULT_SPACING for the samplers whose own grid is not
     uniform in t (the classic ones keep theirs unless a spacing is given); and the sampling end time
-    max(DEFAULT_SAMPLE_EPS, ``sde_eps``), ``sde_eps`` being the run's (training and likelihood) eps."""
+    ``default_sample_eps(sde)`` = max(DEFAULT_SAMPLE_EPS, sde.eps), as ``sample`` uses."""
     sampler = sampler if sampler is not None else DEFAULT_SAMPLER
     own = default_spacing(sampler)
     if spacing is not None:
         check_spacing(spacing)
     spacing = spacing if spacing is not None else own if own == "time" else DEFAULT_SPACING
-    eps = eps if eps is not None else max(DEFAULT_SAMPLE_EPS, sde_eps)
+    eps = eps if eps is not None else default_sample_eps(sde)
     return sampler, spacing, eps
 
 
 @full_precision
 def likelihood_metrics(
     run: Run,
-    priors: Mapping[str, Any],
+    priors: Mapping[str, Prior],
     raw: Tensor,
     T: float,
     metrics: tuple[str, ...] = LIKELIHOOD_METRICS,
@@ -166,7 +180,7 @@ class LikelihoodAcrossT:
 @full_precision
 def likelihood_across_T(
     runs: Mapping[float, Run],
-    priors: Mapping[float, Mapping[str, Any]],
+    priors: Mapping[float, Mapping[str, Prior]],
     raw: Tensor,
     metrics: tuple[str, ...] = LIKELIHOOD_METRICS,
     *,
@@ -243,8 +257,9 @@ def likelihood_across_T(
             x_nll = x[: n_nll - start]
             for grid, run in solves:
                 ode_gen.set_state(probes)  # the same Hutchinson probes for every solve
-                x_T, integral, nfe = ode_flow(run.model, sde, x_nll, list(grid) if len(grid) > 1 else grid[0], eps,
-                                              rtol=rtol, atol=atol, divergence=divergence, generator=ode_gen)
+                x_T, integral, nfe = ode_flow(run.model, sde, x_nll, list(grid) if len(grid) > 1 else grid[0],
+                                              eps=eps, rtol=rtol, atol=atol, divergence=divergence,
+                                              generator=ode_gen)
                 if len(grid) == 1:
                     x_T, integral = x_T[None], integral[None]
                 nfes.append(float(nfe))
@@ -265,8 +280,8 @@ def likelihood_across_T(
                              one_solve=one_run and len(Ts) > 1)
 
 
-def _elbo_batch(runs: Mapping[float, Run], Ts: tuple[float, ...], priors: Mapping[float, Mapping[str, Any]],
-                standard: Mapping[float, Any], x: Tensor, per: dict, generator: torch.Generator, one_run: bool,
+def _elbo_batch(runs: Mapping[float, Run], Ts: tuple[float, ...], priors: Mapping[float, Mapping[str, Prior]],
+                standard: Mapping[float, Prior], x: Tensor, per: dict, generator: torch.Generator, one_run: bool,
                 design: str, *, n_t: int, n_prior: int, eps: float) -> None:
     """The ELBO terms of one batch for every T and prior, appended to ``per`` (nats per example)."""
     sde = runs[Ts[0]].sde
@@ -282,13 +297,13 @@ def _elbo_batch(runs: Mapping[float, Run], Ts: tuple[float, ...], priors: Mappin
     for grid, run in groups:
         generator.set_state(start)  # every group (a network per T) starts from the same draws
         with torch.no_grad():
-            base = elbo_across_T(run.model, sde, x, grid, {T: standard[T] for T in grid}, eps=eps, n_t=draws_t,
+            base = elbo_across_T(run.model, sde, x, {T: standard[T] for T in grid}, grid, eps=eps, n_t=draws_t,
                                  n_prior=n_prior, generator=generator, design=design)
         end = generator.get_state()
         for p in names:
             generator.set_state(start)
             terms = base if p == "standard" else base.with_prior(
-                prior_draws_across_T(sde, x, grid, {T: priors[T][p] for T in grid}, n_prior=n_prior,
+                prior_draws_across_T(sde, x, {T: priors[T][p] for T in grid}, grid, n_prior=n_prior,
                                      generator=generator))
             for k, T in enumerate(grid):
                 cell = per[T, p]

@@ -67,10 +67,10 @@ def model_marginal_log_prob(
     logs, nfe = [], 0
     for chunk in x_T.split(int(batch)):
         # The PF-ODE log-likelihood with T as the start time and the standard prior at T_max.
-        log_p, n, _ = ode_log_likelihood(model, sde, chunk, sde.T_max, top, eps=T, rtol=rtol, atol=atol,
-                                         divergence=divergence, generator=generator, n_probes=n_probes)
-        logs.append(log_p.double())
-        nfe += int(n)
+        result = ode_log_likelihood(model, sde, chunk, top, sde.T_max, eps=T, rtol=rtol, atol=atol,
+                                    divergence=divergence, generator=generator, n_probes=n_probes)
+        logs.append(result.log_p.double())
+        nfe += int(result.nfe)
     return torch.cat(logs), nfe
 
 

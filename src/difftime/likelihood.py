@@ -4,6 +4,12 @@ All log-likelihoods are in nats per example, for x in model space. ``bits_per_di
 into bits/dim of the original discrete data using the dequantization facts the scaler recorded.
 Every estimator here runs in float32 with autocast switched off, also inside a caller's bf16
 autocast (training's mixed precision never reaches a likelihood).
+
+One argument rule, shared with ``difftime.sampling.sample`` (docs/design.md §5): the leading
+positionals are (model, sde, x, prior, T), the prior just before the horizon it belongs to
+(``ode_flow`` has no prior: (model, sde, x, T)); everything else is keyword-only. The PF-ODE
+results are NamedTuples with shared field names: ``FlowResult(x_T, integral, nfe)`` and
+``LikelihoodResult(log_p, x_T, nfe)``, the values first and the NFE last.
 """
 
 from __future__ import annotations
@@ -13,14 +19,18 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from difftime.errors import DifftimeError
 from difftime.ode import DIVERGENCES, ERROR_CONTROLS, ODE_METHODS, ODEOptions, resolve_divergence, solve_rk
 from difftime.sde import SDE
 from difftime.stats import Difference, paired_difference, row_standard_errors
+
+if TYPE_CHECKING:
+    from difftime.priors.base import Prior
 
 F = TypeVar("F", bound=Callable)
 
@@ -75,7 +85,7 @@ def _normal_draws(shape: tuple[int, ...], generator: torch.Generator | None, lik
                       for start in range(0, shape[0], chunk)])
 
 
-def _log_prior_draws(sde: SDE, prior, x: Tensor, T: float, z: Tensor, chunk: int) -> Tensor:
+def _log_prior_draws(sde: SDE, prior: Prior, x: Tensor, T: float, z: Tensor, chunk: int) -> Tensor:
     """log nu(x_T) at x_T = m(T) x + sigma(T) z, for n draws of z per example (rows example-major): (B, n)."""
     reps = x.repeat_interleave(len(z) // len(x), dim=0)
     tT = torch.full((len(reps),), T, dtype=x.dtype, device=x.device)
@@ -117,8 +127,9 @@ def elbo(
     model: nn.Module,
     sde: SDE,
     x: Tensor,
+    prior: Prior,
     T: float,
-    prior,
+    *,
     eps: float | None = None,
     n_t: int = 64,
     n_prior: int = 8,
@@ -200,21 +211,21 @@ class ElboAcrossT:
                        total_se=(prior_se**2 + self.score_se**2).sqrt())
 
 
-def _prior_at(priors, T: float):
+def _prior_at(priors: Any, T: float) -> Prior:
     if isinstance(priors, Mapping):
         if T not in priors:
-            raise ValueError(f"no prior for T={T:g}; priors has T = {sorted(priors)}")
+            raise DifftimeError(f"no prior for T={T:g}; priors has T = {sorted(priors)}")
         return priors[T]
     if hasattr(priors, "log_prob") and not isinstance(priors, type):  # one prior object (a class is a factory)
         return priors
     if callable(priors):
         return priors(T)
-    raise ValueError("priors must map T to a prior, be a callable T -> prior, or be one prior with log_prob")
+    raise DifftimeError("priors must map T to a prior, be a callable T -> prior, or be one prior with log_prob")
 
 
 @full_precision
-def prior_draws_across_T(sde: SDE, x: Tensor, Ts: Sequence[float], priors, *, n_prior: int = 8, chunk: int = 4096,
-                         generator: torch.Generator | None = None) -> Tensor:
+def prior_draws_across_T(sde: SDE, x: Tensor, priors: Any, Ts: Sequence[float], *, n_prior: int = 8,
+                         chunk: int = 4096, generator: torch.Generator | None = None) -> Tensor:
     """log nu_T(m(T) x + sigma(T) z) for ``n_prior`` noises z per example, the same z at every T:
     (len(Ts), B, n_prior). These are the first draws ``elbo_across_T`` makes, so from the same
     generator state they give its prior term for any other ``priors`` (``ElboAcrossT.with_prior``)."""
@@ -227,8 +238,8 @@ def elbo_across_T(
     model: nn.Module,
     sde: SDE,
     x: Tensor,
+    priors: Any,
     Ts: Sequence[float],
-    priors,
     *,
     eps: float | None = None,
     n_t: int = 64,
@@ -260,16 +271,16 @@ def elbo_across_T(
     draws) ``"nested"`` is 1-3x smaller (0.002-0.004 bits/dim), because it needs no calls per T.
     """
     if design not in ELBO_DESIGNS:
-        raise ValueError(f"design must be one of {ELBO_DESIGNS}, got {design!r}")
+        raise DifftimeError(f"design must be one of {ELBO_DESIGNS}, got {design!r}")
     if len(Ts) == 0:
-        raise ValueError("Ts must hold at least one T")
+        raise DifftimeError("Ts must hold at least one T")
     checked = [sde.check_horizon(T, eps) for T in Ts]
     eps = checked[0][1]
     grid = tuple(T for T, _ in checked)
     B, d = len(x), x[0].numel()
 
     # The common random numbers, one set per example; the x_T noise comes first (prior_draws_across_T).
-    prior_draws = prior_draws_across_T(sde, x, grid, priors, n_prior=n_prior, chunk=chunk, generator=generator)
+    prior_draws = prior_draws_across_T(sde, x, priors, grid, n_prior=n_prior, chunk=chunk, generator=generator)
     strata = torch.arange(n_t, dtype=torch.float64, device=x.device).repeat(B)
     u = (strata + torch.rand(B * n_t, generator=generator, dtype=torch.float64, device=x.device)) / n_t
     z = _normal_draws((B * n_t, *x.shape[1:]), generator, x, chunk)
@@ -318,6 +329,22 @@ def _divergence_exact(f: Tensor, x: Tensor, max_rows: int = 1024) -> Tensor:
 
 # --- the probability-flow ODE -------------------------------------------------------------------
 
+
+class FlowResult(NamedTuple):
+    """What ``ode_flow`` returns; with several horizons each value gains a leading (len(T),) axis."""
+
+    x_T: Tensor  # the PF-ODE flow of x at T: (B, ...)
+    integral: Tensor  # int_eps^T div F(x_t, t) dt per example: (B,)
+    nfe: int  # network calls (each one forward pass and its VJPs)
+
+
+class LikelihoodResult(NamedTuple):
+    """What ``ode_log_likelihood`` returns; with several horizons each value gains a leading (len(T),) axis."""
+
+    log_p: Tensor  # log p_eps(x) = log nu(x_T) + integral, per example: (B,)
+    x_T: Tensor  # the PF-ODE flow of x at T: (B, ...)
+    nfe: int  # network calls (each one forward pass and its VJPs)
+
 ODE_VARIABLES = ("logsnr", "t", "log_sigma")
 
 
@@ -331,7 +358,7 @@ def _t_from_log_sigma(sde: SDE, u: Tensor) -> Tensor:
         return sde.B_inverse(-torch.log1p(-torch.exp(u)))
     if isinstance(sde, VESDE):  # v = smin^2 expm1(2 r t), i.e. lambda = -log sigma
         return sde.t_from_log_snr(-u)
-    raise ValueError(f"variable 'log_sigma' has no closed-form inverse for {type(sde).__name__}; use 'logsnr'")
+    raise DifftimeError(f"variable 'log_sigma' has no closed-form inverse for {type(sde).__name__}; use 'logsnr'")
 
 
 class _Variable:
@@ -344,7 +371,7 @@ class _Variable:
 
     def __init__(self, sde: SDE, name: str) -> None:
         if name not in ODE_VARIABLES:
-            raise ValueError(f"variable must be one of {ODE_VARIABLES}, got {name!r}")
+            raise DifftimeError(f"variable must be one of {ODE_VARIABLES}, got {name!r}")
         self.sde, self.name = sde, name
 
     def of_t(self, t: Tensor) -> Tensor:
@@ -408,10 +435,10 @@ def _horizons(sde: SDE, T, eps: float | None) -> tuple[list[float], float, bool]
     single = isinstance(T, numbers.Real) or (isinstance(T, Tensor) and T.dim() == 0)
     values = [float(T)] if single else [float(v) for v in T]
     if not values:
-        raise ValueError("T must be a number or a non-empty sequence of numbers")
+        raise DifftimeError("T must be a number or a non-empty sequence of numbers")
     checked = [sde.check_horizon(v, eps) for v in values]
     if any(b <= a for a, b in zip(values, values[1:], strict=False)):
-        raise ValueError(f"several horizons T must be strictly increasing, got {values}")
+        raise DifftimeError(f"several horizons T must be strictly increasing, got {values}")
     return [v for v, _ in checked], checked[0][1], single
 
 
@@ -420,20 +447,21 @@ def ode_flow(
     model: nn.Module,
     sde: SDE,
     x: Tensor,
-    T: float,
+    T: float | Sequence[float],
+    *,
     eps: float | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     divergence: str = "auto",
     noise: str = "rademacher",
     generator: torch.Generator | None = None,
-    *,
     variable: str = "t",
     method: str = "bosh3",
     error_control: str = "example",
     n_probes: int = 1,
-) -> tuple[Tensor, Tensor, int]:
-    """Solve the PF-ODE from x = x_eps up to T: returns (x_T, int_eps^T div F(x_t, t) dt, NFE).
+) -> FlowResult:
+    """Solve the PF-ODE from x = x_eps up to T: returns ``FlowResult(x_T, integral, nfe)``, the
+    integral being int_eps^T div F(x_t, t) dt.
 
     The solve does not involve the prior, so one solve serves every prior at T: log p_eps(x) =
     log nu(x_T) + the integral. ``divergence`` is "exact" (the trace from d batched VJPs per
@@ -466,24 +494,24 @@ def ode_flow(
     """
     Ts, eps, single = _horizons(sde, T, eps)
     if error_control not in ERROR_CONTROLS:
-        raise ValueError(f"error_control must be one of {ERROR_CONTROLS}, got {error_control!r}")
+        raise DifftimeError(f"error_control must be one of {ERROR_CONTROLS}, got {error_control!r}")
     if method not in ODE_METHODS:
-        raise ValueError(f"method must be one of {ODE_METHODS}, got {method!r}")
+        raise DifftimeError(f"method must be one of {ODE_METHODS}, got {method!r}")
     shape, n, d = x.shape[1:], len(x), x[0].numel()
     divergence = resolve_divergence(divergence, d)
     if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be 'exact', 'hutchinson' or 'auto', got {divergence!r}")
+        raise DifftimeError(f"divergence must be 'exact', 'hutchinson' or 'auto', got {divergence!r}")
     probes = None
     if divergence == "hutchinson":
         if n_probes < 1:
-            raise ValueError(f"n_probes must be at least 1, got {n_probes}")
+            raise DifftimeError(f"n_probes must be at least 1, got {n_probes}")
         probe_shape = x.shape if n_probes == 1 else (n_probes, *x.shape)
         if noise == "rademacher":
             probes = torch.randint(0, 2, probe_shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
         elif noise == "gaussian":
             probes = torch.randn(probe_shape, generator=generator, dtype=x.dtype, device=x.device)
         else:
-            raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
+            raise DifftimeError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
     var = _Variable(sde, variable)
     dtype = x.dtype
     cache: list = [None, None]  # the probes of the rows still running, gathered once per change
@@ -509,7 +537,7 @@ def ode_flow(
                                    torch.tensor(Ts, dtype=torch.float64, device=x.device))
         x_T = out[:, :, :d].reshape(len(Ts), n, *shape)
         integral = out[:, :, d] + linear.to(dtype)[:, None]
-    return (x_T[0], integral[0], nfe) if single else (x_T, integral, nfe)
+    return FlowResult(x_T[0], integral[0], nfe) if single else FlowResult(x_T, integral, nfe)
 
 
 @full_precision
@@ -517,32 +545,32 @@ def ode_log_likelihood(
     model: nn.Module,
     sde: SDE,
     x: Tensor,
-    T: float,
-    prior,
+    prior: Prior | Sequence[Prior],
+    T: float | Sequence[float],
+    *,
     eps: float | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     divergence: str = "auto",
     noise: str = "rademacher",
     generator: torch.Generator | None = None,
-    *,
     variable: str = "t",
     method: str = "bosh3",
     error_control: str = "example",
     n_probes: int = 1,
-) -> tuple[Tensor, int, Tensor]:
-    """log p_eps(x) = log nu(x_T) + int_eps^T div F(x_t, t) dt; returns (log p (B,), NFE, x_T).
+) -> LikelihoodResult:
+    """log p_eps(x) = log nu(x_T) + int_eps^T div F(x_t, t) dt; returns ``LikelihoodResult(log_p, x_T, nfe)``.
 
     See ``ode_flow`` for the solve, its options and the divergence estimators. With several
     horizons T (one solve), ``prior`` is one prior per T (a sequence as long as T) or one prior
     for all; log p is then (len(T), B) and x_T (len(T), B, ...).
     """
     options = ODEOptions(rtol, atol, divergence, noise, variable, method, error_control, n_probes)
-    x_T, integral, nfe = ode_flow(model, sde, x, T, eps, generator=generator, **options.kwargs())
+    x_T, integral, nfe = ode_flow(model, sde, x, T, eps=eps, generator=generator, **options.kwargs())
     if x_T.dim() == x.dim():
-        return prior.log_prob(x_T).to(integral.dtype) + integral, nfe, x_T
+        return LikelihoodResult(prior.log_prob(x_T).to(integral.dtype) + integral, x_T, nfe)
     priors = [prior] * len(x_T) if hasattr(prior, "log_prob") else list(prior)
     if len(priors) != len(x_T):
-        raise ValueError(f"got {len(priors)} priors for {len(x_T)} horizons T")
+        raise DifftimeError(f"got {len(priors)} priors for {len(x_T)} horizons T")
     log_p = torch.stack([p.log_prob(xk).to(integral.dtype) for p, xk in zip(priors, x_T, strict=True)]) + integral
-    return log_p, nfe, x_T
+    return LikelihoodResult(log_p, x_T, nfe)

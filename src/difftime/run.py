@@ -138,9 +138,10 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
-def tidy(run_dir: Path, step: int) -> None:
+def tidy(run_dir: Path, step: int, keep: int | None = None) -> None:
     """Remove what killed writes left: temporary files, checkpoint folders that are incomplete or
-    ahead of ``step``, and log lines after ``step`` (so a resumed log has no duplicate steps)."""
+    ahead of ``step``, complete folders beyond the newest ``keep`` (a kill between the last save and
+    its pruning), and log lines after ``step`` (so a resumed log has no duplicate steps)."""
     folders = [p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.name[5:].isdigit()]
     for folder in (run_dir, *folders):
         for name in (*CHECKPOINT_FILES, STATE_FILE, "metrics.jsonl", CONFIG_FILE):
@@ -149,6 +150,9 @@ def tidy(run_dir: Path, step: int) -> None:
     for folder in folders:
         if not (folder / STATE_FILE).is_file() or checkpoint_step(folder) > step:
             remove_checkpoint(folder)
+    if keep is not None:
+        for old in saved_checkpoints(run_dir)[:-keep]:
+            remove_checkpoint(old)
     _truncate_log(run_dir / "metrics.jsonl", step)
 
 

@@ -1,29 +1,34 @@
 """Reverse-time samplers on [eps, T], k-diffusion / DPM-Solver style: one file, maths in docstrings.
 
-Every sampler has the signature
+Every sampler in ``SAMPLERS`` has one calling convention (docs/design.md §5), after k-diffusion's:
 
-    sampler(model, sde, x_T, T, eps, steps, generator=None, *, spacing=..., ts=None, denoise=True,
-            **options) -> (x0, nfe)
+    sampler(model, sde, x, ts, *, generator=None, denoise=True, **options) -> SampleResult(x, nfe)
 
-It starts from x_T (drawn from whatever prior the caller chose) and integrates on a descending grid
-T = t_0 > t_1 > ... > t_N = eps. The grid is either ``ts`` (then T, eps and steps are read from it
-and the arguments are ignored) or :func:`timesteps` (sde, T, eps, steps, spacing). With
+``x`` is the start x_T (drawn from whatever prior the caller chose) and ``ts`` the strictly
+decreasing float64 time grid T = t_0 > t_1 > ... > t_N = eps that the sampler integrates on (a 1-D
+tensor or sequence, :func:`check_grid`; build one with :func:`timesteps`). ``generator`` drives the
+noise of ``em``, ``pc`` and ``dpm++2m-sde``; the deterministic samplers ignore it. With
 ``denoise=True`` the run ends with Tweedie's step at eps, x0 = (x_eps - sigma(eps) eps_hat) / m(eps);
-otherwise it returns x_eps. The returned NFE is the exact number of network calls, the Tweedie
-call included.
+otherwise it returns x_eps. The result is a :class:`SampleResult` (it unpacks as ``x, nfe``), and
+``nfe`` is the exact number of network calls, the Tweedie call included. ``dopri5`` chooses its own
+steps: of ``ts`` it uses only ts[0] = T and ts[-1] = eps.
+
+:func:`sample` draws x_T from a prior and builds the grid with :func:`timesteps`, on the sampler's
+default spacing (:func:`default_spacing`, from ``SAMPLER_SPACINGS``) unless a spacing is given, and
+ends at :func:`default_sample_eps` unless an eps is given.
 
 Notation (docs/design.md §2). The kernel is p(x_t | x_0) = N(m_t x_0, sigma_t^2 I); the log-SNR is
 lambda_t = log(m_t / sigma_t), strictly decreasing in t; sigma_tilde = sigma/m = exp(-lambda) and
 x_tilde = x/m. The network predicts eps_hat(x, t); its data prediction is
 x0_hat(x, t) = (x - sigma_t eps_hat) / m_t.
 
-Classic samplers (grid default ``"time"``, uniform in t):
+Classic samplers (default spacing ``"time"``, uniform in t):
   - ``em``: Euler-Maruyama on the reverse SDE dx = [f - g^2 s] dt + g dW_bar, s = -eps_hat/sigma;
   - ``pc``: reverse-diffusion predictor plus Langevin corrector (Song et al. 2021);
   - ``euler``, ``heun``: the probability-flow ODE dx/dt = f - g^2 s / 2 with Euler or Heun;
-  - ``dopri5``: adaptive Dormand-Prince (torchdiffeq) on the same ODE; only T and eps of the grid count.
+  - ``dopri5``: adaptive Dormand-Prince (torchdiffeq) on the same ODE; only ts[0] and ts[-1] count.
 
-Exponential integrators (grid default ``"logsnr"``). In lambda the PF-ODE is semi-linear, and its
+Exponential integrators (default spacing ``"logsnr"``). In lambda the PF-ODE is semi-linear, and its
 exact solution from s to t (t < s, step h = lambda_t - lambda_s > 0) is (Lu et al. 2022, DPM-Solver++)
 
     x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^{lambda} x0_hat(x_lambda) dlambda.
@@ -84,17 +89,19 @@ applied as Python floats, i.e. in the tensor's own dtype.
 
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from difftime.errors import DifftimeError
 from difftime.sde import SDE, broadcast_to
+
+if TYPE_CHECKING:
+    from difftime.priors.base import Prior
 
 SPACINGS = ("time", "logsnr", "quadratic", "karras")
 # The defaults of `difftime sample` and friends, chosen by measurement (benchmarks/sampling_defaults.py);
@@ -106,6 +113,19 @@ DEFAULT_SPACING = "logsnr"
 DEFAULT_SAMPLE_EPS = 1e-3
 # DPM-Solver++ / diffusers use lower-order final steps only for runs shorter than this.
 LOWER_ORDER_FINAL_BELOW = 15
+
+
+class SampleResult(NamedTuple):
+    """What every sampler and :func:`sample` return; it unpacks as ``x, nfe = ...``."""
+
+    x: Tensor  # the samples: x0 after Tweedie's step, or x_eps with denoise=False
+    nfe: int  # network calls per sample, the Tweedie call included
+
+
+def default_sample_eps(sde: SDE) -> float:
+    """The sampling end time when none is given: max(DEFAULT_SAMPLE_EPS, sde.eps), never below the
+    training / likelihood eps. :func:`sample`, ``difftime sample`` / ``evaluate`` and the study share it."""
+    return max(DEFAULT_SAMPLE_EPS, float(sde.eps))
 
 
 def time_grid(T: float, eps: float, steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -160,7 +180,10 @@ def timesteps(
     return grid
 
 
-def check_grid(sde: SDE, ts: Tensor | Sequence[float]) -> Tensor:
+Grid = Tensor | Sequence[float]  # a sampler's time grid ts
+
+
+def check_grid(sde: SDE, ts: Grid) -> Tensor:
     """An explicit grid as a float64 CPU tensor: 1-D, at least 2 finite times, strictly decreasing,
     within (0, T_max]."""
     # A Python list must not pass through float32 (torch's default dtype) on its way to float64.
@@ -174,14 +197,6 @@ def check_grid(sde: SDE, ts: Tensor | Sequence[float]) -> Tensor:
         raise DifftimeError("ts must be strictly decreasing, from T down to eps")
     sde.check_horizon(float(grid[0]), float(grid[-1]))
     return grid
-
-
-def _grid(sde: SDE, T: float | None, eps: float | None, steps: int | None, spacing: str,
-          ts: Tensor | Sequence[float] | None) -> Tensor:
-    """The float64 CPU grid of a sampler call: ``ts`` if given, else ``timesteps``."""
-    if ts is not None:
-        return check_grid(sde, ts)
-    return timesteps(sde, T, eps, steps, spacing)
 
 
 def steps_for_horizon(T: float, steps_per_unit_time: float) -> int:
@@ -198,10 +213,10 @@ def tweedie(model: nn.Module, sde: SDE, x: Tensor, eps: float) -> Tensor:
     return (x - broadcast_to(sde.sigma(t), x) * eps_hat) / broadcast_to(sde.m(t), x)
 
 
-def _finish(model: nn.Module, sde: SDE, x: Tensor, eps: float, nfe: int, denoise: bool) -> tuple[Tensor, int]:
+def _finish(model: nn.Module, sde: SDE, x: Tensor, eps: float, nfe: int, denoise: bool) -> SampleResult:
     if denoise:
-        return tweedie(model, sde, x, eps), nfe + 1
-    return x, nfe
+        return SampleResult(tweedie(model, sde, x, eps), nfe + 1)
+    return SampleResult(x, nfe)
 
 
 # --- classic samplers (uniform-in-t grid by default) --------------------------------------------
@@ -209,23 +224,13 @@ def _finish(model: nn.Module, sde: SDE, x: Tensor, eps: float, nfe: int, denoise
 
 @torch.no_grad()
 def euler_maruyama(
-    model: nn.Module,
-    sde: SDE,
-    x_T: Tensor,
-    T: float | None,
-    eps: float | None,
-    steps: int | None,
-    generator: torch.Generator | None = None,
-    *,
-    spacing: str = "time",
-    ts: Tensor | Sequence[float] | None = None,
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
     denoise: bool = True,
-) -> tuple[Tensor, int]:
+) -> SampleResult:
     """Euler-Maruyama on the reverse SDE dx = [f - g^2 s] dt + g dW, s = -eps_hat / sigma."""
-    grid = _grid(sde, T, eps, steps, spacing, ts)
+    grid = check_grid(sde, ts)
     steps, eps = len(grid) - 1, float(grid[-1])
-    ts = grid.to(x_T.dtype).to(x_T.device)
-    x = x_T
+    ts = grid.to(x.dtype).to(x.device)
     for i in range(steps):
         t = ts[i].expand(len(x))
         dt = ts[i] - ts[i + 1]
@@ -246,15 +251,13 @@ def probability_flow_drift(model: nn.Module, sde: SDE, x: Tensor, t: Tensor) -> 
 
 @torch.no_grad()
 def ode_euler(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
-    generator: torch.Generator | None = None, *, spacing: str = "time",
-    ts: Tensor | Sequence[float] | None = None, denoise: bool = True,
-) -> tuple[Tensor, int]:
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True,
+) -> SampleResult:
     """Fixed-step Euler on the probability-flow ODE (deterministic; ``generator`` is unused)."""
-    grid = _grid(sde, T, eps, steps, spacing, ts)
+    grid = check_grid(sde, ts)
     steps, eps = len(grid) - 1, float(grid[-1])
-    ts = grid.to(x_T.dtype).to(x_T.device)
-    x = x_T
+    ts = grid.to(x.dtype).to(x.device)
     for i in range(steps):
         x = x + (ts[i + 1] - ts[i]) * probability_flow_drift(model, sde, x, ts[i].expand(len(x)))
     return _finish(model, sde, x, eps, steps, denoise)
@@ -262,15 +265,13 @@ def ode_euler(
 
 @torch.no_grad()
 def ode_heun(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
-    generator: torch.Generator | None = None, *, spacing: str = "time",
-    ts: Tensor | Sequence[float] | None = None, denoise: bool = True,
-) -> tuple[Tensor, int]:
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True,
+) -> SampleResult:
     """Heun's second-order method on the probability-flow ODE: 2 NFE per step."""
-    grid = _grid(sde, T, eps, steps, spacing, ts)
+    grid = check_grid(sde, ts)
     steps, eps = len(grid) - 1, float(grid[-1])
-    ts = grid.to(x_T.dtype).to(x_T.device)
-    x = x_T
+    ts = grid.to(x.dtype).to(x.device)
     for i in range(steps):
         h = ts[i + 1] - ts[i]
         d1 = probability_flow_drift(model, sde, x, ts[i].expand(len(x)))
@@ -282,22 +283,19 @@ def ode_heun(
 
 @torch.no_grad()
 def ode_dopri5(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None = None,
-    generator: torch.Generator | None = None, *, spacing: str = "time",
-    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, rtol: float = 1e-5, atol: float = 1e-5,
-) -> tuple[Tensor, int]:
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True, rtol: float = 1e-5, atol: float = 1e-5,
+) -> SampleResult:
     """Adaptive Dormand-Prince (torchdiffeq) on the probability-flow ODE.
 
-    The solver chooses its own steps: ``steps`` and ``spacing`` are unused, and of ``ts`` only the
-    ends T = ts[0] and eps = ts[-1] count.
+    The solver chooses its own steps: of ``ts`` only the ends T = ts[0] and eps = ts[-1] count (any
+    valid grid between them gives the same result). ``generator`` is unused.
     """
     from torchdiffeq import odeint
 
-    if ts is not None:
-        grid = check_grid(sde, ts)
-        T, eps = float(grid[0]), float(grid[-1])
-    else:
-        T, eps = sde.check_horizon(T, eps)
+    grid = check_grid(sde, ts)
+    T, eps = float(grid[0]), float(grid[-1])
+    x_T = x
     nfe = 0
 
     def rhs(t: Tensor, x: Tensor) -> Tensor:
@@ -314,11 +312,9 @@ def ode_dopri5(
 
 @torch.no_grad()
 def predictor_corrector(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
-    generator: torch.Generator | None = None, *, spacing: str = "time",
-    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, snr: float = 0.16,
-    corrector_steps: int = 1,
-) -> tuple[Tensor, int]:
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True, snr: float = 0.16, corrector_steps: int = 1,
+) -> SampleResult:
     """Reverse-diffusion predictor with a Langevin corrector (Song et al. 2021, Alg. 2-3).
 
     The predictor discretises the forward SDE with its exact kernel over each step,
@@ -326,10 +322,9 @@ def predictor_corrector(
     ancestral DDPM sampling for VP and SMLD sampling for VE, on any grid. The corrector runs
     ``corrector_steps`` Langevin steps at signal-to-noise ratio ``snr`` before each predictor step.
     """
-    grid = _grid(sde, T, eps, steps, spacing, ts)
+    grid = check_grid(sde, ts)
     steps, eps = len(grid) - 1, float(grid[-1])
-    ts = grid.to(x_T.dtype).to(x_T.device)
-    x = x_T
+    ts = grid.to(x.dtype).to(x.device)
 
     def score(x: Tensor, t: Tensor) -> Tensor:
         return -model(x, t).to(x.dtype) / broadcast_to(sde.sigma(t), x)
@@ -393,7 +388,7 @@ def _dpm_solver_pp(
     model: nn.Module, sde: SDE, x_T: Tensor, grid: Tensor, order: int, denoise: bool,
     lower_order_final: bool, stochastic: bool = False, generator: torch.Generator | None = None,
     corrected_start: bool = False,
-) -> tuple[Tensor, int]:
+) -> SampleResult:
     """Multistep DPM-Solver++ (data prediction) of ``order`` 1-3 on ``grid``; the SDE variant if
     ``stochastic`` (order <= 2). See the module docstring for the update formulas."""
     steps = len(grid) - 1
@@ -443,38 +438,32 @@ def _dpm_solver_pp(
 
 @torch.no_grad()
 def ddim(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
-    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
-    ts: Tensor | Sequence[float] | None = None, denoise: bool = True,
-) -> tuple[Tensor, int]:
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True,
+) -> SampleResult:
     """DDIM (eta = 0), the first-order exponential integrator in lambda (DPM-Solver++ 1):
     x_t = (sigma_t/sigma_s) x_s + m_t (1 - e^{-h}) x0_hat(x_s, s), h = lambda_t - lambda_s.
     One network call per step; ``generator`` is unused."""
-    grid = _grid(sde, T, eps, steps, spacing, ts)
-    return _dpm_solver_pp(model, sde, x_T, grid, 1, denoise, lower_order_final=False)
+    return _dpm_solver_pp(model, sde, x, check_grid(sde, ts), 1, denoise, lower_order_final=False)
 
 
 @torch.no_grad()
 def dpmpp_2m(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
-    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
-    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, lower_order_final: bool = True,
-) -> tuple[Tensor, int]:
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True, lower_order_final: bool = True,
+) -> SampleResult:
     """DPM-Solver++(2M), multistep data prediction, midpoint form:
     x_t = (sigma_t/sigma_s) x_s + m_t (1 - e^{-h}) [(1 + 1/(2 r)) x0_hat_s - 1/(2 r) x0_hat_prev],
     r = h_prev / h. The first step is order 1, and so is the last when the run is short
     (``lower_order_final``, see the module docstring). One network call per step."""
-    grid = _grid(sde, T, eps, steps, spacing, ts)
-    return _dpm_solver_pp(model, sde, x_T, grid, 2, denoise, lower_order_final)
+    return _dpm_solver_pp(model, sde, x, check_grid(sde, ts), 2, denoise, lower_order_final)
 
 
 @torch.no_grad()
 def dpmpp_3m(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
-    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
-    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, lower_order_final: bool = True,
-    corrected_start: bool = True,
-) -> tuple[Tensor, int]:
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True, lower_order_final: bool = True, corrected_start: bool = True,
+) -> SampleResult:
     """DPM-Solver++(3M), multistep data prediction of order 3 (Lu et al. 2022):
     x_t = (sigma_t/sigma_s) x_s + m_t phi_1 D0 - m_t phi_2 D1 - m_t phi_3 D2 with
     phi_1 = 1 - e^{-h}, phi_2 = phi_1/h - 1, phi_3 = (h - phi_1)/h^2 - 1/2 and D0, D1, D2 from the
@@ -482,22 +471,20 @@ def dpmpp_3m(
     Warm-up orders 1, 2; short runs end with orders 2, 1; fewer steps than 3 simply run at lower
     order. ``corrected_start`` (module docstring) keeps the order 3 that the first-order first step
     would otherwise cap at 2. One network call per step."""
-    grid = _grid(sde, T, eps, steps, spacing, ts)
-    return _dpm_solver_pp(model, sde, x_T, grid, 3, denoise, lower_order_final, corrected_start=corrected_start)
+    return _dpm_solver_pp(model, sde, x, check_grid(sde, ts), 3, denoise, lower_order_final,
+                          corrected_start=corrected_start)
 
 
 @torch.no_grad()
 def dpmpp_2m_sde(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
-    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
-    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, lower_order_final: bool = True,
-) -> tuple[Tensor, int]:
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True, lower_order_final: bool = True,
+) -> SampleResult:
     """DPM-Solver++(2M) SDE (diffusers ``sde-dpmsolver++``, midpoint form):
     x_t = (sigma_t/sigma_s) e^{-h} x_s + m_t (1 - e^{-2h}) (D0 + D1/2) + sigma_t sqrt(1 - e^{-2h}) z,
     D0 = x0_hat_s, D1 = (x0_hat_s - x0_hat_prev) h / h_prev (0 at order 1), z ~ N(0, I) drawn from
     ``generator``. Same warm-up and final-order rules as 2M. One network call per step."""
-    grid = _grid(sde, T, eps, steps, spacing, ts)
-    return _dpm_solver_pp(model, sde, x_T, grid, 2, denoise, lower_order_final, stochastic=True,
+    return _dpm_solver_pp(model, sde, x, check_grid(sde, ts), 2, denoise, lower_order_final, stochastic=True,
                           generator=generator)
 
 
@@ -528,11 +515,9 @@ def adams_bashforth_coefficients(u: Sequence[float]) -> list[float]:
 
 @torch.no_grad()
 def ipndm(
-    model: nn.Module, sde: SDE, x_T: Tensor, T: float | None, eps: float | None, steps: int | None,
-    generator: torch.Generator | None = None, *, spacing: str = "logsnr",
-    ts: Tensor | Sequence[float] | None = None, denoise: bool = True, variable_step: bool = True,
-    corrected_start: bool = True,
-) -> tuple[Tensor, int]:
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True, variable_step: bool = True, corrected_start: bool = True,
+) -> SampleResult:
     """iPNDM: Adams-Bashforth of order min(4, i + 1) on dx_tilde/dsigma_tilde = eps_hat, with
     x_tilde = x/m and sigma_tilde = sigma/m (module docstring):
     x_{i+1} = (m_{i+1}/m_i) x_i + m_{i+1} (sigma_tilde_{i+1} - sigma_tilde_i) sum_j b_j e_{i-j}.
@@ -549,13 +534,13 @@ def ipndm(
     The order is not the whole story at few steps: on Gaussian data with the exact eps, on the
     log-SNR grid at 4-10 steps, the fixed weights were 2-8x more accurate (RMS error at eps) than the
     variable ones, which win from about 30 steps on. Compare both where the step budget is small."""
-    grid = _grid(sde, T, eps, steps, spacing, ts)
+    grid = check_grid(sde, ts)
     steps = len(grid) - 1
     lam = sde.log_snr(grid).tolist()
     m = sde.m(grid).tolist()
     sigma = sde.sigma(grid).tolist()
     st = (sde.sigma(grid) / sde.m(grid)).tolist()
-    x = x_T
+    x_T = x
     eps_hats: list[Tensor] = []  # newest first
     for i in range(steps):
         t = torch.full((len(x),), float(grid[i]), dtype=x.dtype, device=x.device)
@@ -590,7 +575,24 @@ SAMPLERS = {
 }
 
 
-def check_sampler(name: str) -> Callable[..., tuple[Tensor, int]]:
+# The spacing of the grid that `sample` builds for each sampler when it is given none: uniform in t
+# for the classic samplers, uniform in log-SNR for the exponential integrators and iPNDM (dopri5
+# reads only the ends of its grid).
+SAMPLER_SPACINGS = {
+    "em": "time",
+    "pc": "time",
+    "euler": "time",
+    "heun": "time",
+    "dopri5": "time",
+    "ddim": "logsnr",
+    "dpm++2m": "logsnr",
+    "dpm++3m": "logsnr",
+    "dpm++2m-sde": "logsnr",
+    "ipndm": "logsnr",
+}
+
+
+def check_sampler(name: str) -> Callable[..., SampleResult]:
     """The registered sampler ``name``, or one clear error that lists the choices."""
     if name not in SAMPLERS:
         raise DifftimeError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
@@ -605,37 +607,42 @@ def check_spacing(name: str) -> str:
 
 
 def default_spacing(sampler: str) -> str:
-    """The grid the registered ``sampler`` uses when it is given no ``spacing``."""
-    return inspect.signature(check_sampler(sampler)).parameters["spacing"].default
+    """The spacing of the grid :func:`sample` builds for the registered ``sampler`` when given none."""
+    check_sampler(sampler)
+    return SAMPLER_SPACINGS[sampler]
 
 
 def sample(
     model: nn.Module,
     sde: SDE,
-    prior: Any,
-    n: int,
+    prior: Prior,
     T: float,
-    eps: float | None = None,
-    sampler: str = "dpm++2m",
-    steps: int = 10,
-    generator: torch.Generator | None = None,
     *,
+    n: int,
+    eps: float | None = None,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = 10,
+    spacing: str | None = None,
+    generator: torch.Generator | None = None,
     batch: int | None = None,
     **options: Any,
-) -> tuple[Tensor, int]:
+) -> SampleResult:
     """n samples in model space: x_T ~ ``prior``, then ``sampler`` from T down to eps.
 
-    ``prior`` is anything with ``sample(n, generator=None)`` (a :class:`difftime.priors.Prior`).
-    One ``generator`` drives the prior draw and every sampler batch, so a seed fixes the samples
-    whatever ``batch`` is. Returns (x0, NFE per sample); ``options`` go to the sampler
-    (``spacing``, ``ts``, ``denoise``, ...).
+    The grid is ``timesteps(sde, T, eps, steps, spacing)``: ``spacing`` defaults to
+    ``default_spacing(sampler)`` and ``eps`` to ``default_sample_eps(sde)``. ``prior`` is anything
+    with ``sample(n, generator=None)`` (the :class:`difftime.priors.Prior` protocol). One
+    ``generator`` drives the prior draw and every sampler batch, so a seed fixes the samples whatever
+    ``batch`` is. Returns ``SampleResult(x, nfe)``, the NFE per sample; ``options`` go to the
+    sampler (``denoise``, ``snr``, ``lower_order_final``, ...).
     """
     step_fn = check_sampler(sampler)
-    T, eps = sde.check_horizon(T, eps)
+    T, eps = sde.check_horizon(T, default_sample_eps(sde) if eps is None else eps)
+    ts = timesteps(sde, T, eps, steps, default_spacing(sampler) if spacing is None else spacing)
     with torch.no_grad():
         x_T = prior.sample(n, generator=generator)
     chunks, nfe = [], 0
     for first in range(0, n, batch or max(n, 1)):
-        x0, nfe = step_fn(model, sde, x_T[first:first + (batch or n)], T, eps, steps, generator=generator, **options)
+        x0, nfe = step_fn(model, sde, x_T[first:first + (batch or n)], ts, generator=generator, **options)
         chunks.append(x0)
-    return torch.cat(chunks), nfe
+    return SampleResult(torch.cat(chunks), nfe)

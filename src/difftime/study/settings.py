@@ -16,7 +16,7 @@ from difftime.likelihood import ELBO_DESIGNS
 from difftime.metrics import IMAGE_METRICS, METRICS, VECTOR_METRICS
 from difftime.priors import PRIOR_FAMILIES
 from difftime.run import read_run_config
-from difftime.sampling import DEFAULT_SAMPLE_EPS, SAMPLERS, SPACINGS
+from difftime.sampling import SAMPLERS, SPACINGS, default_sample_eps, default_spacing, timesteps
 from difftime.sde import sde_from_config
 
 SAMPLER_ALIASES = {"ode": "heun", "sde": "em"}
@@ -27,10 +27,10 @@ GRID_KEYS = ("T_grid", "priors", "headroom_n", "fid_headline")
 
 
 def sample_eps(config: dict[str, Any]) -> float:
-    """The study's sampling end time: ``study.sample_eps``, or for 0 (auto)
-    max(sampling.DEFAULT_SAMPLE_EPS, sde.eps), never below the training eps by default."""
+    """The study's sampling end time: ``study.sample_eps``, or for 0 (auto) the library's
+    ``sampling.default_sample_eps`` of the config's SDE, max(DEFAULT_SAMPLE_EPS, sde.eps)."""
     value = config["study"]["sample_eps"]
-    return float(value) if value > 0 else max(DEFAULT_SAMPLE_EPS, float(config["sde"]["eps"]))
+    return float(value) if value > 0 else default_sample_eps(sde_from_config(sde_config(config)))
 
 
 def _probe_nfe(sampler: str, steps: int, sde, T: float, eps: float) -> int:
@@ -39,7 +39,8 @@ def _probe_nfe(sampler: str, steps: int, sde, T: float, eps: float) -> int:
         return torch.zeros_like(x)
 
     with torch.no_grad():
-        _, nfe = SAMPLERS[sampler](zero, sde, torch.zeros(1, 1), T, eps, steps, torch.Generator().manual_seed(0))
+        ts = timesteps(sde, T, eps, steps, default_spacing(sampler))
+        _, nfe = SAMPLERS[sampler](zero, sde, torch.zeros(1, 1), ts, generator=torch.Generator().manual_seed(0))
     return int(nfe)
 
 

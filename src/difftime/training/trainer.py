@@ -301,7 +301,7 @@ class Trainer:
                          "per-rank noise streams follow the process count, so the run continues, but not "
                          f"bitwise as it would have on {saved_world}"), file=sys.stderr)
             publish_checkpoint(run_dir, source)
-        tidy(run_dir, self.step)
+        tidy(run_dir, self.step, keep=self.tr["keep_checkpoints"])
 
     def _restore(self, source: Path) -> dict[str, Any]:
         meta = read_checked_json(source / "state.json", "checkpoint state")
