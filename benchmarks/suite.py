@@ -21,6 +21,14 @@ from difftime.io import atomic_write_bytes
 # Order matters only for the first run: sampler_overhead trains the cached model, peer_samplers fits its priors.
 BENCHMARKS = ("train_step", "sampler_overhead", "likelihood", "peer_samplers", "memory", "metrics")
 REPORT = HERE.parent / "BENCHMARKS.md"
+# What the allocator setting of `difftime.allocator` rests on (measured once, by hand; not rerun here).
+ALLOCATOR_NOTE = (
+    "It was chosen by measurement on the digits U-Net at one thread: a forward pass plus VJP wrapped in a "
+    "function (everything freed at its return) cost 1.15x the same calls in a loop that keeps its last output "
+    "(a loaded machine, tol 1e-3 solves), and a PF-ODE solve's time per call went from 1.10x that loop to "
+    "1.03x with the setting (idle machine, tol 1e-4). On the 28x28 U-Net, whose activations are larger, it "
+    "changed nothing measurable."
+)
 
 
 def _fmt(x: float, se: float | None = None) -> str:
@@ -57,7 +65,7 @@ def report(suite: dict) -> str:
 
         lines += ["", section(found["peer_samplers"], "python benchmarks/suite.py --only peer_samplers").rstrip()]
     lines += ["", "## Runs", "", "The allocator column is the process setting of `difftime.allocator` "
-              "(the `difftime` command applies it too).", "",
+              "(the `difftime` command applies it too). " + ALLOCATOR_NOTE, "",
               "| benchmark | finished | wall | threads | allocator | load average |",
               "|---|---|---|---|---|---|"]
     for name, record in found.items():

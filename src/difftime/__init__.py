@@ -4,7 +4,7 @@ The public API, resolved lazily on first use so that ``import difftime`` stays c
 
     import difftime as dt
     run = dt.load_run("runs/digits")
-    prior = dt.GaussianPrior.fit(...)  # or dt.fit_prior / dt.load_prior
+    prior = dt.load_prior("runs/digits/priors/gaussian-T0.4")  # or dt.GaussianPrior.from_data, dt.fit_prior
     x0, nfe = dt.sample(run.model, run.sde, prior, 0.4, n=64, sampler="dpm++2m", steps=10)
 """
 

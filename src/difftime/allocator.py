@@ -3,12 +3,9 @@
 A network call on a CPU allocates its activations and frees them all when it returns. With its
 defaults, glibc's malloc hands the freed top of the heap back to the kernel as soon as it exceeds
 128 KiB (M_TRIM_THRESHOLD), so the next call faults the same pages in again. Whether a loop pays
-for this depends on what it happens to keep alive between calls: on the digits U-Net at one
-thread, a forward pass plus VJP wrapped in a function (everything freed at its return) cost 1.15x
-the same calls in a loop that keeps its last output (a loaded machine, tol 1e-3 solves), and a
-PF-ODE solve's time per call went from 1.10x that loop to 1.03x with this setting (idle machine,
-tol 1e-4). On the 28x28 U-Net, whose activations are larger, it changed nothing
-measurable.
+for this depends on what it happens to keep alive between calls, so a solver that frees everything
+between network calls pays it and a bare loop may not. The setting was chosen by measurement on
+small U-Nets at one thread (BENCHMARKS.md, Runs).
 
 This is a process-wide choice, like preloading jemalloc, so the library never makes it on import:
 ``difftime``'s entry point does, and so do the benchmarks. ``DIFFTIME_MALLOC=system`` keeps the C

@@ -94,7 +94,7 @@ DEFAULTS: dict[str, Any] = {
         "bootstrap": 200,            # bootstrap replicates per quality score (paired across cells); 0: none
         "elbo_design": "auto",       # across-T ELBO draws: auto (nested for one network, else inverse_cdf)
         "headroom_n": 200,           # held-out x_T per T for the prior headroom (difftime.headroom); 0: skip
-        "fid": False,                # Inception FID for every cell (about 1000x a classifier's cost on CPU)
+        "fid": False,                # Inception FID for every cell (slow on CPU: docs/design.md §9)
         "fid_headline": 0,           # Inception FID of the frontier's best and T_ref-standard configurations,
                                      # on this many samples against as many reference images (0: none)
         "prior_steps": 1000,

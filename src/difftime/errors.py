@@ -4,7 +4,17 @@
 class DifftimeError(ValueError):
     """Bad input from the user: a wrong argument, a missing or malformed file.
 
-    The message is one line that says what is wrong and how to fix it.
+    The message is one line that says what is wrong and how to fix it. It is a ``ValueError``, so
+    callers that already catch bad values catch it too.
+
+    >>> import difftime as dt
+    >>> issubclass(dt.DifftimeError, ValueError)
+    True
+    >>> try:
+    ...     dt.load_data("nope")
+    ... except dt.DifftimeError as exc:
+    ...     print(exc)
+    nope: unknown data source 'nope'; expected one of toy:..., digits, mnist, ...
     """
 
 

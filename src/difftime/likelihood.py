@@ -52,6 +52,16 @@ def bits_per_dim(log_likelihood_nats: Tensor | float, d: int, levels: int | None
     """bpd = -log p_x(x) / (d ln 2) - log2(a) + log2(L) for dequantized data x = a (k + u)/L + b.
 
     For continuous data (``levels`` None) this is -log p / (d ln 2): bits per dimension of x itself.
+
+    ``log_likelihood_nats`` is log p(x) in nats per example (a tensor or a float), ``d`` the number
+    of dimensions of one example, ``levels`` the L of the discrete data and ``a`` the scale of the
+    scaler's affine map (docs/design.md §6). Returns the same type as ``log_likelihood_nats``.
+
+    >>> from difftime.likelihood import bits_per_dim
+    >>> round(bits_per_dim(-100.0, d=64, levels=17, a=2.0), 4)   # 8x8 digits in [-1, 1], L = 17
+    5.3417
+    >>> round(bits_per_dim(-100.0, d=64, levels=None, a=1.0), 4)  # continuous data
+    2.2542
     """
     bpd = -log_likelihood_nats / (d * math.log(2))
     if levels is not None:
@@ -143,6 +153,29 @@ def elbo(
     diverges as eps -> 0; the deterministic dZ/2 is added back exactly. ``n_t`` (t, z) pairs per
     example estimate it, ``n_prior`` draws of x_T estimate P; ``chunk`` bounds the network batch.
     To compare several T on common random numbers, use ``elbo_across_T``.
+
+    ``model(x, t) -> eps_hat`` is the eps-network, ``x`` (B, ...) the examples in model space,
+    ``prior`` any object with ``log_prob`` (the :class:`difftime.priors.Prior` protocol) at horizon
+    ``T``, and ``eps`` the start of the horizon (default ``sde.eps``). ``generator`` drives every
+    draw. Returns :class:`ElboTerms`: ``total = prior - score + constant`` per example, in nats,
+    each with its Monte Carlo se. The decomposition is docs/design.md §3, the paper's lemma
+    (https://arxiv.org/abs/2206.05173); the ELBO of score SDEs is from
+    https://arxiv.org/abs/2011.13456.
+
+    >>> import math, torch
+    >>> import difftime as dt
+    >>> sde = dt.VPSDE()
+    >>> exact = lambda x, t: sde.sigma(t)[:, None] * x   # the exact eps-network for data N(0, I)
+    >>> x = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    >>> terms = dt.elbo(exact, sde, x, dt.StandardPrior((2,), 1.0), 1.0, n_t=8, n_prior=4,
+    ...                 generator=torch.Generator().manual_seed(0))
+    >>> terms.total.shape, terms.total_se.shape
+    (torch.Size([2]), torch.Size([2]))
+    >>> bool(torch.allclose(terms.total, terms.prior - terms.score + terms.constant))
+    True
+    >>> v_eps, v_T = sde.v(torch.tensor([1e-5, 1.0], dtype=torch.float64)).tolist()
+    >>> abs(float(terms.constant[0]) - 2 / 2 * math.log(v_T / v_eps)) < 1e-6   # R = d/2 ln(v(T)/v(eps))
+    True
     """
     T, eps = sde.check_horizon(T, eps)
     B = len(x)
@@ -265,10 +298,9 @@ def elbo_across_T(
       every T. n_t network calls per example in all, but the number of draws inside [eps, T] is
       random, so differences are noisier at equal n_t; at T_max it equals ``"inverse_cdf"``.
 
-    Measured (adjacent-T paired SE of the total): at equal n_t, ``"inverse_cdf"`` is 2-5x
-    smaller (digits demo model, 150 digits, n_t = 64, T grid step 0.2: 0.004-0.005 against
-    0.010-0.014 bits/dim). At equal network calls with one network (nested with len(Ts) n_t
-    draws) ``"nested"`` is 1-3x smaller (0.002-0.004 bits/dim), because it needs no calls per T.
+    For the paired se of adjacent-T differences, ``"inverse_cdf"`` is the better design at equal
+    n_t and ``"nested"`` at equal network calls with one network, because it needs no calls per T
+    (measured: docs/design.md §6).
     """
     if design not in ELBO_DESIGNS:
         raise DifftimeError(f"design must be one of {ELBO_DESIGNS}, got {design!r}")
@@ -407,9 +439,9 @@ def _eps_and_divergence(model: nn.Module, x: Tensor, t: Tensor, divergence: str,
     """eps_hat(x, t) and its divergence in x: one forward pass, then one VJP per Hutchinson probe
     (``probes`` is (B, ...) for one, (K, B, ...) for K) or the exact trace.
 
-    Several probes take one backward pass each through the kept graph: on a CPU that measured
-    faster than one vmapped backward (``is_grads_batched``) over the K cotangents, by about 20%
-    for K = 4 on the digits U-Net; the exact trace, with its d directions, is the other way round.
+    Several probes take one backward pass each through the kept graph rather than one vmapped
+    backward (``is_grads_batched``) over the K cotangents, and the exact trace, with its d
+    directions, takes the vmapped one: both chosen by measurement on CPU (docs/design.md §6).
     """
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
@@ -480,8 +512,8 @@ def ode_flow(
     and the log-det integrand is div F dt/ds; its part d alpha(t) is integrated in closed form, so
     every variable gives the same log p. On trained image models the network's Fourier time
     features (periods down to 1e-3 in t) make the flow rough at every t, not only stiff near eps:
-    there the third-order pair in t needs about a third of the fifth-order pair's evaluations for
-    the same accuracy, and log-SNR gains nothing (measured on the digits model).
+    there the third-order pair in t needs fewer evaluations than the fifth-order pair for the same
+    accuracy, and log-SNR gains nothing, hence the defaults (measured: docs/design.md §6).
 
     ``error_control`` "example" (default) gives each example its own step size and error test,
     and examples leave the batch when they reach max(T), so on a CPU, where a call costs in
@@ -491,6 +523,24 @@ def ode_flow(
     and ``d atol + rtol |log-det|`` for the log-det, a sum of d terms, so both mean the same per
     dimension. The NFE counts network calls (each one forward pass and its VJPs, on the examples
     still running).
+
+    ``model(x, t) -> eps_hat`` is the eps-network, ``x`` (B, ...) the examples in model space (x_eps),
+    ``eps`` the start (default ``sde.eps``) and ``generator`` draws the Hutchinson probes. Returns
+    ``FlowResult(x_T, integral, nfe)``: x_T like x and the integral (B,), in nats. Bad options raise
+    DifftimeError. References: the PF-ODE likelihood, https://arxiv.org/abs/2011.13456; Hutchinson's
+    estimator as in FFJORD, https://arxiv.org/abs/1810.01367.
+
+    >>> import torch
+    >>> import difftime as dt
+    >>> sde = dt.VPSDE()
+    >>> exact = lambda x, t: sde.sigma(t)[:, None] * x   # data N(0, I): p_t = N(0, I), so F = 0
+    >>> x = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    >>> x_T, integral, nfe = dt.ode_flow(exact, sde, x, 1.0)
+    >>> bool(torch.allclose(x_T, x)), bool(integral.abs().max() < 1e-4)   # the flow is the identity
+    (True, True)
+    >>> flows = dt.ode_flow(exact, sde, x, [0.4, 1.0])   # truncate mode: one solve, two horizons
+    >>> tuple(flows.x_T.shape), tuple(flows.integral.shape)
+    ((2, 2, 2), (2, 2))
     """
     Ts, eps, single = _horizons(sde, T, eps)
     if error_control not in ERROR_CONTROLS:
@@ -564,6 +614,20 @@ def ode_log_likelihood(
     See ``ode_flow`` for the solve, its options and the divergence estimators. With several
     horizons T (one solve), ``prior`` is one prior per T (a sequence as long as T) or one prior
     for all; log p is then (len(T), B) and x_T (len(T), B, ...).
+
+    ``prior`` is anything with ``log_prob`` (the :class:`difftime.priors.Prior` protocol). log p is
+    in nats per example, for x in model space (``bits_per_dim`` converts it). References: the PF-ODE
+    likelihood, https://arxiv.org/abs/2011.13456; FFJORD / Hutchinson,
+    https://arxiv.org/abs/1810.01367; docs/design.md §6.
+
+    >>> import torch
+    >>> import difftime as dt
+    >>> sde = dt.VPSDE()
+    >>> exact = lambda x, t: sde.sigma(t)[:, None] * x   # the exact eps-network for data N(0, I)
+    >>> x = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    >>> log_p, x_T, nfe = dt.ode_log_likelihood(exact, sde, x, dt.StandardPrior((2,), 1.0), 1.0)
+    >>> [round(v, 3) for v in log_p.tolist()]   # log N(x; 0, I): -ln(2 pi) and -ln(2 pi) - 1
+    [-1.838, -2.838]
     """
     options = ODEOptions(rtol, atol, divergence, noise, variable, method, error_control, n_probes)
     x_T, integral, nfe = ode_flow(model, sde, x, T, eps=eps, generator=generator, **options.kwargs())

@@ -206,7 +206,26 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_run(path: str | Path, weights: str = "ema") -> Run:
-    """Rebuild the SDE, the network (``weights`` = "ema" or "model") and the scaler of a run."""
+    """Rebuild the SDE, the network (``weights`` = "ema" or "model") and the scaler of a run.
+
+    ``path`` is a run directory written by ``train_run`` (or ``difftime train`` / ``import``). Returns
+    a :class:`Run` whose ``model`` holds the newest complete checkpoint's weights, in eval mode, with
+    ``sde``, ``scaler``, ``shape``, ``step`` and the saved ``config``. A missing, malformed or
+    corrupt run raises DifftimeError. The format is docs/design.md §8.
+
+    >>> import tempfile, torch
+    >>> import difftime as dt
+    >>> from difftime.config import build_config
+    >>> config = build_config(overrides={"data": "toy:moons:n=200,n_test=50", "net": {"hidden": 16, "depth": 2},
+    ...     "train": {"steps": 5, "batch_size": 16, "warmup": 1, "ema_decay": 0.5}})
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = dt.train_run(config, tmp + "/run", progress=False)
+    ...     run = dt.load_run(tmp + "/run")
+    >>> run.sde, run.shape, run.step, run.T_train
+    (VPSDE(b0=0.1, b1=20.0, T_max=1.0, eps=1e-05), (2,), 5, 1.0)
+    >>> tuple(run.model(torch.zeros(3, 2), torch.full((3,), 0.5)).shape)   # model(x, t) -> eps_hat
+    (3, 2)
+    """
     path = Path(path)
     if weights not in ("ema", "model"):
         raise DifftimeError(f"weights must be 'ema' or 'model', got {weights!r}")

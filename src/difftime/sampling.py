@@ -49,16 +49,15 @@ x0_hats of the previous steps (multistep: one network call per step):
     D1_1 = (x0_prev - x0_prev2)/r1, D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1) and
     D2 = 2 (D1_0 - D1_1)/(r0 + r1). The reference code (DPM-Solver's ``multistep_dpm_solver_third_update``,
     diffusers' and k-diffusion's 3M) uses D2 = (D1_0 - D1_1)/(r0 + r1) = h^2 x0''/2 with the same
-    phi_3 term: that step is not exact for x0_hat quadratic in lambda, and measured on Gaussian data
-    its global order is 2 (slope 2.1 against 4.0 here at VP, T = 1). So difftime's 3M is not
-    diffusers' ``solver_order=3``.
+    phi_3 term: that step is not exact for x0_hat quadratic in lambda, and its global order is 2
+    (measured: docs/design.md §5). So difftime's 3M is not diffusers' ``solver_order=3``.
   Warm-up: step i (0-based) has only i earlier x0_hats, so its order is at most i + 1.
   Corrected start (``corrected_start``, default for 3M and iPNDM): a lower-order first step caps a
   multistep method's global order at 2, because its O(h^2) error is never undone. The network call
   at (x_1, t_1) that step 1 needs anyway also gives the second-order (trapezoidal in lambda) step
   x_1 = (sigma_1/sigma_0) x_0 + m_1 [phi_1 x0_0 - phi_2 (x0_1 - x0_0)], exact for x0_hat linear in
   lambda; step 1 then starts from that x_1 with the same x0_1. No extra network call, and the
-  order is 3 again (measured 3.1 on VP at T = 0.5, against 2.1 without it).
+  order is 3 again (measured: docs/design.md §5).
   Lower-order final steps (``lower_order_final=True``, as DPM-Solver++ and diffusers): when the run
   has fewer than 15 solver steps, counting the Tweedie step as one (it is the order-1 step to
   sigma = 0), step i has order at most (steps + denoise) - i. So the last steps drop to order 2 and
@@ -85,6 +84,28 @@ x0_hats of the previous steps (multistep: one network call per step):
 
 Step coefficients are computed in float64 from the SDE's closed forms (m, sigma, lambda) and
 applied as Python floats, i.e. in the tensor's own dtype.
+
+References: score SDE (em, pc, the PF-ODE), https://arxiv.org/abs/2011.13456; DDPM,
+https://arxiv.org/abs/2006.11239; DPM-Solver++ (ddim in lambda, 2M, 3M, 2M-SDE),
+https://arxiv.org/abs/2211.01095; EDM (the karras grid), https://arxiv.org/abs/2206.00364;
+iPNDM, https://arxiv.org/abs/2204.13902.
+
+Example: ``SAMPLERS`` maps each name to its sampler. A zero network (eps_hat = 0) makes the PF-ODE
+dx/dt = alpha x, which ``ddim`` solves exactly, so x0 = x_T / m(T):
+
+>>> import torch
+>>> from difftime.sampling import SAMPLERS, SPACINGS, timesteps
+>>> from difftime.sde import VPSDE
+>>> list(SAMPLERS)
+['em', 'pc', 'euler', 'heun', 'dopri5', 'ddim', 'dpm++2m', 'dpm++3m', 'dpm++2m-sde', 'ipndm']
+>>> SPACINGS
+('time', 'logsnr', 'quadratic', 'karras')
+>>> sde, zero = VPSDE(), lambda x, t: torch.zeros_like(x)
+>>> ts = timesteps(sde, 0.4, 1e-3, steps=4)
+>>> x_T = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+>>> x0, nfe = SAMPLERS["ddim"](zero, sde, x_T, ts)   # 4 steps + Tweedie's step
+>>> nfe, bool(torch.allclose(x0, x_T / sde.m(torch.tensor(0.4))))
+(5, True)
 """
 
 from __future__ import annotations
@@ -148,6 +169,21 @@ def timesteps(
         st_max = sigma_tilde(T), st_min = sigma_tilde(eps) (Karras et al. 2022, in sigma/m).
     The log-SNR grids map back with the SDE's closed-form ``t_from_log_snr``; the ends are set to
     exactly T and eps.
+
+    ``sde`` checks the horizon 0 < eps < T <= T_max; ``steps`` is an integer >= 1, ``spacing`` one of
+    ``SPACINGS`` and ``rho`` > 0 (``karras`` only). Returns a float64 tensor of shape (steps + 1,);
+    raises DifftimeError on bad input or when float64 cannot hold that many distinct times.
+    References: DPM-Solver++ (logsnr), https://arxiv.org/abs/2211.01095; EDM (karras),
+    https://arxiv.org/abs/2206.00364.
+
+    >>> from difftime.sampling import timesteps
+    >>> from difftime.sde import VPSDE
+    >>> ts = timesteps(VPSDE(), 0.4, 1e-3, steps=4, spacing="time")
+    >>> [round(t, 5) for t in ts.tolist()]
+    [0.4, 0.30025, 0.2005, 0.10075, 0.001]
+    >>> ts = timesteps(VPSDE(), 0.4, 1e-3, steps=4)   # uniform in log-SNR
+    >>> ts.dtype, float(ts[0]), float(ts[-1]), bool((ts[1:] < ts[:-1]).all())
+    (torch.float64, 0.4, 0.001, True)
     """
     check_spacing(spacing)
     try:
@@ -531,9 +567,9 @@ def ipndm(
     of :func:`dpmpp_3m`, at no extra network call. One network call per step; ``generator`` is
     unused.
 
-    The order is not the whole story at few steps: on Gaussian data with the exact eps, on the
-    log-SNR grid at 4-10 steps, the fixed weights were 2-8x more accurate (RMS error at eps) than the
-    variable ones, which win from about 30 steps on. Compare both where the step budget is small."""
+    The order is not the whole story at few steps: at a handful of log-SNR steps the fixed weights
+    measured more accurate than the variable ones, which win at many steps (docs/design.md §5).
+    Compare both where the step budget is small."""
     grid = check_grid(sde, ts)
     steps = len(grid) - 1
     lam = sde.log_snr(grid).tolist()
@@ -635,6 +671,24 @@ def sample(
     ``generator`` drives the prior draw and every sampler batch, so a seed fixes the samples whatever
     ``batch`` is. Returns ``SampleResult(x, nfe)``, the NFE per sample; ``options`` go to the
     sampler (``denoise``, ``snr``, ``lower_order_final``, ...).
+
+    ``model(x, t) -> eps_hat`` is any eps-network with absolute time t of shape (B,); ``T`` is the
+    horizon (0 < eps < T <= sde.T_max); ``n`` the number of samples and ``batch`` the most the
+    sampler integrates at once (None: all n). ``x`` has shape (n, *prior's shape), in model space.
+    Bad input raises DifftimeError. docs/design.md §5 has the conventions; the method is the
+    paper's, https://arxiv.org/abs/2206.05173 (a short T with a prior fitted to p_T).
+
+    >>> import torch
+    >>> import difftime as dt
+    >>> sde = dt.VPSDE()
+    >>> prior = dt.StandardPrior((2,), T=0.4)
+    >>> zero = lambda x, t: torch.zeros_like(x)
+    >>> x0, nfe = dt.sample(zero, sde, prior, 0.4, n=3, steps=5, generator=torch.Generator().manual_seed(0))
+    >>> tuple(x0.shape), nfe
+    ((3, 2), 6)
+    >>> same = dt.sample(zero, sde, prior, 0.4, n=3, steps=5, batch=2, generator=torch.Generator().manual_seed(0))
+    >>> bool(torch.equal(same.x, x0))   # one generator: the batch size does not change the samples
+    True
     """
     step_fn = check_sampler(sampler)
     T, eps = sde.check_horizon(T, default_sample_eps(sde) if eps is None else eps)

@@ -28,7 +28,33 @@ def broadcast_to(coef: Tensor, x: Tensor) -> Tensor:
 
 
 class SDE(ABC):
-    """dx = alpha(t) x dt + g(t) dW on [0, T_max]; all methods take absolute time tensors."""
+    """dx = alpha(t) x dt + g(t) dW on [0, T_max]; all methods take absolute time tensors.
+
+    ``T_max`` is the largest horizon and ``eps`` the default start of a horizon [eps, T] (training and
+    likelihoods); :meth:`check_horizon` enforces 0 < eps < T <= T_max, so nothing assumes T = 1. The
+    schedule methods (``m``, ``v``, ``sigma``, ``g2``, ``alpha``, ``log_snr``, ...) map a time tensor
+    to a tensor of the same shape; pass float64 for the full precision of the closed forms. The
+    maths, with the importance potential Phi and Z = 2 (lambda(eps) - lambda(T)), is
+    docs/design.md §2.
+
+    References: score SDE, https://arxiv.org/abs/2011.13456; the free horizon T,
+    https://arxiv.org/abs/2206.05173.
+
+    >>> import torch
+    >>> from difftime.sde import VPSDE
+    >>> sde = VPSDE()
+    >>> sde.check_horizon(0.4)
+    (0.4, 1e-05)
+    >>> lam = sde.log_snr(torch.tensor([1e-5, 0.4], dtype=torch.float64))
+    >>> bool(torch.allclose(sde.t_from_log_snr(lam), torch.tensor([1e-5, 0.4], dtype=torch.float64)))
+    True
+    >>> abs(sde.importance_Z(0.4) - 2 * float(lam[0] - lam[1])) < 1e-9
+    True
+    >>> sde.check_horizon(1.5)
+    Traceback (most recent call last):
+    ...
+    difftime.errors.DifftimeError: horizon must satisfy 0 < eps < T <= T_max; got eps=1e-05, T=1.5, T_max=1.0
+    """
 
     kind: ClassVar[str]
 
@@ -186,7 +212,22 @@ class _BetaSDE(SDE):
 
 
 class VPSDE(_BetaSDE):
-    """Variance preserving: g^2 = beta, v = 1 - exp(-B). Baseline prior N(0, I)."""
+    """Variance preserving: g^2 = beta, v = 1 - exp(-B). Baseline prior N(0, I).
+
+    ``VPSDE(b0=0.1, b1=20.0, T_max=1.0, eps=1e-5)``: beta(t) = b0 + (b1 - b0) t and
+    B(t) = int_0^t beta, so m(t) = exp(-B/2); the continuous-time limit of DDPM
+    (https://arxiv.org/abs/2006.11239) as in score SDE (https://arxiv.org/abs/2011.13456, VP).
+    Raises DifftimeError unless 0 < b0 < b1 and 0 < eps < T_max.
+
+    >>> import torch
+    >>> from difftime.sde import VPSDE
+    >>> t = torch.tensor([0.4], dtype=torch.float64)
+    >>> sde = VPSDE()
+    >>> round(float(sde.m(t)), 2), round(float(sde.sigma(t)), 2)   # x_T = 0.44 x_0 + 0.90 z at T = 0.4
+    (0.44, 0.9)
+    >>> sde.prior_std(0.4)
+    1.0
+    """
 
     kind = "vp"
 
@@ -219,7 +260,18 @@ class VPSDE(_BetaSDE):
 
 
 class SubVPSDE(_BetaSDE):
-    """sub-VP: g^2 = beta (1 - exp(-2B)), v = (1 - exp(-B))^2. Baseline prior N(0, I)."""
+    """sub-VP: g^2 = beta (1 - exp(-2B)), v = (1 - exp(-B))^2. Baseline prior N(0, I).
+
+    The same arguments and mean m(t) = exp(-B/2) as :class:`VPSDE`, with a smaller variance
+    (score SDE, https://arxiv.org/abs/2011.13456, sub-VP).
+
+    >>> import torch
+    >>> from difftime.sde import SubVPSDE
+    >>> t = torch.tensor([0.4], dtype=torch.float64)
+    >>> sde = SubVPSDE()
+    >>> round(float(sde.m(t)), 2), round(float(sde.sigma(t)), 2)
+    (0.44, 0.8)
+    """
 
     kind = "subvp"
 
@@ -261,6 +313,18 @@ class VESDE(SDE):
     """Variance exploding: sigma2(t) = smin^2 (smax/smin)^(2t), v = sigma2(t) - sigma2(0).
 
     The baseline prior is N(0, v(T) I), the paper's Table 1 (not score_sde's smax^2).
+
+    ``VESDE(sigma_min=0.01, sigma_max=50.0, T_max=1.0, eps=1e-5)``; m(t) = 1 and alpha = 0.
+    Raises DifftimeError unless 0 < sigma_min < sigma_max. References: score SDE,
+    https://arxiv.org/abs/2011.13456 (VE); the paper, https://arxiv.org/abs/2206.05173.
+
+    >>> import torch
+    >>> from difftime.sde import VESDE
+    >>> sde = VESDE()
+    >>> float(sde.m(torch.tensor([0.4])))
+    1.0
+    >>> round(sde.prior_std(1.0), 2), round(sde.prior_std(0.4), 3)   # sqrt(v(T))
+    (50.0, 0.302)
     """
 
     kind = "ve"
@@ -331,7 +395,17 @@ SDES: dict[str, type[SDE]] = {cls.kind: cls for cls in (VPSDE, SubVPSDE, VESDE)}
 
 
 def sde_from_config(config: dict[str, Any]) -> SDE:
-    """Rebuild an SDE from ``SDE.to_config()``; unknown kinds or keys are errors."""
+    """Rebuild an SDE from ``SDE.to_config()``; unknown kinds or keys are errors.
+
+    ``config`` is a dict with ``kind`` ("vp", "subvp" or "ve") and that SDE's constructor
+    arguments. Returns a new SDE; raises DifftimeError on an unknown kind or a bad argument.
+
+    >>> from difftime.sde import VESDE, sde_from_config
+    >>> sde_from_config(VESDE(sigma_max=20).to_config())
+    VESDE(sigma_min=0.01, sigma_max=20.0, T_max=1.0, eps=1e-05)
+    >>> sde_from_config({"kind": "vp", "b0": 0.1, "b1": 20.0})
+    VPSDE(b0=0.1, b1=20.0, T_max=1.0, eps=1e-05)
+    """
     config = dict(config)
     kind = config.pop("kind", None)
     if kind not in SDES:

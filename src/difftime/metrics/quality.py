@@ -120,6 +120,23 @@ def quality_metrics(
     ``se``; kid's value is then the full U-statistic over all pairs. The counts depend only on
     (n, bootstrap, seed), so two sample sets whose rows share x_T seeds get paired replicates, and
     ``difftime.stats.replicate_difference`` turns two entries into a paired interval.
+
+    ``samples`` are data-space: integer levels (N, C, H, W) for images (``dataset.scaler.decode``
+    of model-space samples), real vectors (N, d) otherwise. ``metrics`` names some of ``METRICS``:
+    "fid", "fd" (Frechet distance on a trained classifier's features), "kid" and "pr" for images,
+    "mmd" and "swd" for vectors. ``n_reference`` takes a fixed subset of the split, ``use_cache``
+    keeps reference features on disk and ``inception_path`` points at the FID network. Bad input
+    raises DifftimeError. References: FID, https://arxiv.org/abs/1706.08500; KID,
+    https://arxiv.org/abs/1801.01401; precision and recall, https://arxiv.org/abs/1904.06991.
+
+    >>> import difftime as dt
+    >>> spec = "toy:moons:n=200,n_test=50"
+    >>> samples = dt.load_data(spec).train[:100].numpy()   # real data standing in for samples
+    >>> out = dt.quality_metrics(samples, spec, ["mmd", "swd"], progress=False)
+    >>> out["n_samples"], out["n_reference"], out["reference_split"]
+    (100, 50, 'test')
+    >>> abs(out["mmd"]["value"]) < 0.05, out["swd"]["n_projections"]
+    (True, 512)
     """
     from difftime.data import load_data
 

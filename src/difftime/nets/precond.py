@@ -25,7 +25,20 @@ PRECONDITIONINGS = ("none", "edm")
 
 
 class EDMPreconditioned(nn.Module):
-    """eps_hat(x_t, t) = (s/r) u - (m sd/r) F(u, t) with u = x_t / r, r = sqrt(s^2 + m^2 sd^2)."""
+    """eps_hat(x_t, t) = (s/r) u - (m sd/r) F(u, t) with u = x_t / r, r = sqrt(s^2 + m^2 sd^2).
+
+    >>> import torch
+    >>> from difftime.nets.precond import EDMPreconditioned
+    >>> from difftime.sde import VPSDE
+    >>> sde = VPSDE()
+    >>> net = EDMPreconditioned(lambda u, t: torch.zeros_like(u), sde, sigma_data=0.5)   # F = 0
+    >>> x, t = torch.ones(2, 3), torch.tensor([0.1, 0.9])
+    >>> m, s = sde.m(t)[:, None], sde.sigma(t)[:, None]
+    >>> bool(torch.allclose(net(x, t), s * x / (s**2 + (0.5 * m) ** 2)))   # E[z | x_t], x_0 ~ N(0, 0.25 I)
+    True
+    >>> bool(torch.allclose(net.loss_weight(t), 1 + torch.exp(-2 * sde.log_snr(t)) / 0.5**2))
+    True
+    """
 
     def __init__(self, inner: nn.Module, sde: SDE, sigma_data: float) -> None:
         super().__init__()

@@ -23,7 +23,25 @@ LOG_2PI = math.log(2 * math.pi)
 
 @runtime_checkable
 class Prior(Protocol):
-    """What samplers and likelihoods need of a density nu(x_T)."""
+    """What samplers and likelihoods need of a density nu(x_T).
+
+    ``log_prob(x)`` takes x of shape (B, *shape) and returns log nu(x), (B,), in nats summed over
+    every dimension; ``sample(n, generator=None)`` returns (n, *shape). It is runtime-checkable, so
+    ``isinstance`` tests for both methods. The auxiliary prior at a short T is the paper's,
+    https://arxiv.org/abs/2206.05173.
+
+    >>> import torch
+    >>> from difftime.priors import Prior, StandardPrior
+    >>> isinstance(StandardPrior((2,), T=1.0), Prior)
+    True
+    >>> class UnitSquare:                      # any object with log_prob and sample will do
+    ...     def log_prob(self, x):
+    ...         return torch.zeros(len(x))
+    ...     def sample(self, n, generator=None):
+    ...         return torch.rand(n, 2, generator=generator)
+    >>> isinstance(UnitSquare(), Prior)
+    True
+    """
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log nu(x) in nats, summed over every dimension: shape (B,)."""
@@ -65,7 +83,19 @@ def check_T(T: Any, where: str) -> float:
 
 
 class PriorModule(nn.Module, ABC):
-    """A density on model space at horizon ``T`` for examples of shape ``shape``."""
+    """A density on model space at horizon ``T`` for examples of shape ``shape``.
+
+    The base of the library's priors: an ``nn.Module`` with a ``family`` name, ``T``, ``shape`` and
+    ``d``, the :class:`Prior` methods, and ``config()``, the JSON-ready constructor arguments that
+    ``store.load_prior`` rebuilds it from. A bad shape or T raises DifftimeError.
+
+    >>> from difftime.priors import GaussianPrior
+    >>> prior = GaussianPrior((2,), T=0.4, diagonal=True)
+    >>> prior.family, prior.d, prior.config()
+    ('gaussian', 2, {'shape': [2], 'T': 0.4, 'diagonal': True})
+    >>> type(prior)(**prior.config())
+    GaussianPrior(T=0.4, shape=(2,), diagonal=True)
+    """
 
     family: ClassVar[str]
 

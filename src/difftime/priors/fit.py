@@ -53,8 +53,8 @@ _INIT_STREAM = 2
 _EVAL_BATCH = 1024
 SCHEDULES = ("warmup_cosine", "cosine", "constant")
 # Held-out x_T for early stopping: the paired SE of a 0.1-nat gain must be well below 0.05 nats.
-# Measured per-example SD of log flow - log gaussian: digits 0.3-1.3 nats, MNIST 784-d see
-# docs/priors-headroom; 4096 examples resolve 0.1 nats (1.96 SE) up to an SD of 1.6 nats.
+# 4096 examples resolve 0.1 nats (1.96 SE) up to a per-example SD of 1.6 nats; the measured SDs of
+# log flow - log gaussian are in docs/design.md §7.
 DEFAULT_N_EVAL = 4096
 
 
@@ -198,19 +198,35 @@ def fit_prior(
     ``z`` standard errors of the paired per-example difference and is not below the previous
     evaluation's (within the noise of the best, the count restarts). After ``patience`` consecutive bad
     evaluations the fit returns to its best weights with the learning rate divided by 3 (and fresh
-    Adam moments), up to ``lr_cuts`` times; the next such run stops it. (Measured on digits at
-    T = 0.4: lr 1e-3 makes the flow resolvably worse than its Gaussian start within 100 steps, while
-    3e-4 gains 0.016 +- 0.0025 nats over 3000 steps.) ``schedule`` is "warmup_cosine" (``warmup`` steps, default
+    Adam moments), up to ``lr_cuts`` times; the next such run stops it (the cuts were chosen by
+    measurement, docs/design.md §7). ``schedule`` is "warmup_cosine" (``warmup`` steps, default
     min(100, steps // 10), then a cosine to 0 at ``steps``), "cosine" or "constant". With
     ``data_init``, a prior with a ``data_init(x)`` method (Glow's actnorms) is initialised on a batch
     of x_T before training. ``time_limit`` (seconds) stops at the first evaluation past it. With
     ``require_gain``, the fitted weights replace the initial ones only when their held-out gain
-    exceeds ``z`` paired standard errors ("kept_start" says when they did not): measured on digits
-    at T = 0.6, a best step picked from 40 evaluations with an unresolved gain of 0.0004 +- 0.0005
-    nats was 0.0012 [0.0001, 0.0023] nats WORSE than the Gaussian on fresh noise.
+    exceeds ``z`` paired standard errors ("kept_start" says when they did not): a best step picked
+    from many evaluations with an unresolved gain can be worse than the start on fresh noise
+    (measured: docs/design.md §7).
 
     The same held-out set both stops training and scores it, so "test_nll" is slightly
     optimistic; for an unbiased comparison, score with ``heldout_nll(..., seed=seed + 1)``.
+
+    Arguments: ``prior`` a prior module at horizon ``T`` (trainable or not), ``sde`` the run's SDE and
+    ``dataset`` a :class:`difftime.data.Dataset` (training batches from its train split, the
+    ``n_eval`` held-out x_T from its test split). ``steps`` optimizer steps of ``batch_size`` fresh
+    x_T at peak learning rate ``lr`` with gradients clipped at ``grad_clip``, an evaluation every
+    ``eval_every`` steps; ``seed`` fixes data, noise and evaluation set; ``progress`` shows a bar.
+    Bad arguments raise DifftimeError. The auxiliary prior fitted to p_T is the paper's,
+    https://arxiv.org/abs/2206.05173.
+
+    >>> import difftime as dt
+    >>> from difftime.priors import make_prior
+    >>> sde, data = dt.VPSDE(), dt.load_data("toy:moons:n=200,n_test=50")
+    >>> prior = make_prior("flow", sde, 0.4, data, transforms=1, hidden=[8])
+    >>> result = dt.fit_prior(prior, sde, 0.4, data, steps=2, batch_size=32, eval_every=1, n_eval=64,
+    ...                       progress=False)
+    >>> result["steps"], result["stopped"], sorted(result["gain"])
+    (2, 'steps', ['mean', 'resolved', 'se'])
 
     With ``checkpoint``, the whole fitting state is saved in that folder at every evaluation, a
     call with the same prior (initial weights) and arguments resumes from it, and it is removed

@@ -14,7 +14,23 @@ from difftime.sde import SDE
 
 
 class StandardPrior(PriorModule):
-    """N(0, std^2 I): what a diffusion model trained to T = T_max normally samples from."""
+    """N(0, std^2 I): what a diffusion model trained to T = T_max normally samples from.
+
+    ``StandardPrior(shape, T, std=1.0)``; :meth:`for_sde` takes std from the SDE's baseline at T
+    (1 for VP and sub-VP, sqrt(v(T)) for VE; score SDE, https://arxiv.org/abs/2011.13456). It has no
+    parameters to fit.
+
+    >>> import torch
+    >>> from difftime.priors import StandardPrior
+    >>> from difftime.sde import VESDE
+    >>> prior = StandardPrior((2,), T=1.0)
+    >>> round(float(prior.log_prob(torch.zeros(1, 2))), 4)   # -ln(2 pi)
+    -1.8379
+    >>> tuple(prior.sample(3, generator=torch.Generator().manual_seed(0)).shape)
+    (3, 2)
+    >>> StandardPrior.for_sde(VESDE(), 1.0, (2,)).std == VESDE().prior_std(1.0)
+    True
+    """
 
     family = "standard"
 

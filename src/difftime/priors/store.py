@@ -4,6 +4,12 @@ The weights are written first and config.json last, recording the weights' sha25
 is complete exactly when the checksum matches; a torn or tampered write fails at load. A new
 prior is written into a hidden sibling folder and swapped in by renames, so a failed or killed
 save never damages a good prior already in place.
+
+``PRIOR_FAMILIES`` maps each family name to its class:
+
+>>> from difftime.priors import PRIOR_FAMILIES
+>>> list(PRIOR_FAMILIES)
+['standard', 'gaussian', 'flow', 'glow']
 """
 
 from __future__ import annotations
@@ -44,7 +50,20 @@ def prior_dir(run_dir: str | Path, family: str, T: float) -> Path:
 
 
 def save_prior(prior: PriorModule, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the prior's weights and config (plus JSON-ready ``extra``, e.g. fit results)."""
+    """Write the prior's weights and config (plus JSON-ready ``extra``, e.g. fit results).
+
+    ``prior`` is one of the library's priors (``PRIOR_FAMILIES``), ``directory`` the folder to write
+    (replaced atomically if it exists). Returns ``directory`` as a Path; raises DifftimeError for
+    any other object.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from difftime.priors import StandardPrior, save_prior
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = save_prior(StandardPrior((2,), T=0.4), Path(tmp) / "standard-T0.4")
+    ...     sorted(p.name for p in folder.iterdir())
+    ['config.json', 'prior.safetensors']
+    """
     if not isinstance(prior, PriorModule) or PRIOR_FAMILIES.get(prior.family) is not type(prior):
         raise DifftimeError(f"save_prior: got {type(prior).__name__}; expected one of the library's priors")
     directory = Path(directory)
@@ -85,7 +104,22 @@ def _finish_swap(directory: Path) -> None:
 
 
 def load_prior(directory: str | Path) -> PriorModule:
-    """Rebuild a prior saved by :func:`save_prior`, strictly: any mismatch is a DifftimeError."""
+    """Rebuild a prior saved by :func:`save_prior`, strictly: any mismatch is a DifftimeError.
+
+    ``directory`` is the folder :func:`save_prior` wrote (a run's priors live at
+    ``prior_dir(run, family, T)``). Returns the prior, of its saved family, in eval mode. A missing
+    or incomplete folder, a checksum that does not match or weights that do not fit its config
+    raise DifftimeError.
+
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from difftime.priors import GaussianPrior, load_prior, save_prior
+    >>> prior = GaussianPrior.from_moments((2,), 0.4, mean=torch.ones(2), cov=torch.eye(2))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     again = load_prior(save_prior(prior, Path(tmp) / "gaussian-T0.4"))
+    >>> again, bool(torch.equal(again.mean, prior.mean))
+    (GaussianPrior(T=0.4, shape=(2,), diagonal=False), True)
+    """
     directory = Path(directory)
     _finish_swap(directory)
     if not directory.is_dir():

@@ -258,10 +258,10 @@ class Study:
         from the same seed (the same images the classifier metrics scored); the first
         ``study.fid_headline`` of them are scored against as many reference images, with bootstrap
         replicates that share counts, so best - reference gets a paired interval. Each configuration
-        is cached in ``fid/``; Inception takes about 0.1 s per image on 2 CPU cores."""
+        is cached in ``fid/``. Inception is slow on a CPU (docs/design.md §9), hence only these."""
         s = self.settings
         n = min(s["fid_headline"], s["n_samples"])
-        # Each Inception FD replicate is an SVD of an n x n matrix (about 0.5 s at n = 1000).
+        # Each Inception FD replicate is an SVD of an n x n matrix, hence the cap (docs/design.md §9).
         boot = min(s["bootstrap"], FID_BOOTSTRAP)
         metric = primary_metric(cells)
         if not dataset.is_image or metric is None or not s["nfe_budgets"]:

@@ -51,7 +51,26 @@ def train_run(config: dict[str, Any], out: str | Path, *, resume: bool = False, 
               progress: bool = True) -> TrainResult:
     """Train ``config`` into the run directory ``out``, or with ``resume`` continue it from its newest
     checkpoint (bitwise as if uninterrupted). The writing process holds the run's lock throughout,
-    so a second writer is refused with one line."""
+    so a second writer is refused with one line.
+
+    ``config`` is a full, validated config (``difftime.config.build_config``: defaults, preset, file
+    and overrides); ``device`` is a torch device string and ``progress`` shows a bar. The objective
+    is denoising score matching on [eps, train.T] (docs/design.md §4; DDPM's eps loss,
+    https://arxiv.org/abs/2006.11239, with the weightings of score SDE,
+    https://arxiv.org/abs/2011.13456, Min-SNR, https://arxiv.org/abs/2303.09556, and EDM,
+    https://arxiv.org/abs/2206.00364). Returns a :class:`TrainResult`; an existing run without
+    ``resume`` raises DifftimeError.
+
+    >>> import tempfile
+    >>> import difftime as dt
+    >>> from difftime.config import build_config
+    >>> config = build_config(overrides={"data": "toy:moons:n=200,n_test=50", "net": {"hidden": 16, "depth": 2},
+    ...     "train": {"steps": 5, "batch_size": 16, "warmup": 1, "ema_decay": 0.5}})
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     result = dt.train_run(config, tmp + "/run", progress=False)
+    >>> result.step, result.resumed_at_step, result.processes
+    (5, 0, 1)
+    """
     out = Path(out)
     if not resume and (out / "config.json").exists():
         raise DifftimeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")

@@ -56,6 +56,17 @@ def sample_time(
     With ``weighting="likelihood"`` and uniform t the weight is (g^2/v)(T - eps), an unbiased
     estimate of the ELBO's integral; importance sampling draws t with density g^2/(v Z) instead,
     leaving the constant weight Z. Likelihood weighting needs ``t_distribution="uniform"``.
+
+    >>> import torch
+    >>> from difftime.sde import VPSDE
+    >>> from difftime.training.loss import sample_time
+    >>> sde = VPSDE()
+    >>> t, w = sample_time(sde, 4, 0.4, 1e-5, "standard", False, torch.Generator().manual_seed(0))
+    >>> tuple(t.shape), bool(((t >= 1e-5) & (t <= 0.4)).all()), w.tolist()
+    ((4,), True, [1.0, 1.0, 1.0, 1.0])
+    >>> t, w = sample_time(sde, 4, 0.4, 1e-5, "likelihood", True, torch.Generator().manual_seed(0))
+    >>> bool(torch.allclose(w, torch.full((4,), sde.importance_Z(0.4, 1e-5))))   # the constant weight Z
+    True
     """
     u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
     if weighting == "likelihood":
