@@ -90,3 +90,10 @@ def test_a_young_ema_warns_once_at_the_final_save(tmp_path, capsys):
     trainer.save(tmp_path)
     err = capsys.readouterr().err
     assert err.count("warning: the EMA weights still hold") == 1 and "train.ema_warmup=true" in err
+
+
+def test_decay_zero_keeps_no_share_of_the_first_weights():
+    """ema_decay = 0 is valid (the EMA is the latest weights); the share is 0, not a log(0) error."""
+    assert initial_weight_share(0.0, 1) == 1.0
+    assert initial_weight_share(0.0, 5) == 0.0
+    assert initial_weight_share(0.0, 5, warmup=False) == 0.0

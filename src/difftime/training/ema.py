@@ -28,8 +28,10 @@ def initial_weight_share(decay: float, n_averaged: int, warmup: bool = True) -> 
     """The weight the EMA still gives to the first averaged weights after ``n_averaged`` updates."""
     if not warmup:
         return decay ** max(n_averaged - 1, 0)
-    log_share = sum(math.log(ema_decay_at(decay, k)) for k in range(1, min(n_averaged, 100_000)))
-    return math.exp(log_share)
+    factors = [ema_decay_at(decay, k) for k in range(1, min(n_averaged, 100_000))]
+    if min(factors, default=1.0) == 0.0:  # decay 0: the average is the latest weights alone
+        return 0.0
+    return math.exp(sum(math.log(f) for f in factors))
 
 
 def ema_update(decay: float, warmup: bool = True) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
