@@ -1,5 +1,5 @@
-"""The training-recipe options: EDM preconditioning, the log-SNR-normal draw of t, the min-SNR and
-EDM weightings and the cosine schedule, checked against closed forms."""
+"""The training objective (difftime.training.loss) and the EDM wrapper (difftime.nets.precond): the
+log-SNR-normal draw of t, the min-SNR and EDM weightings and the cosine schedule, against closed forms."""
 
 from __future__ import annotations
 
