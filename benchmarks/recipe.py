@@ -216,7 +216,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     for r in args.runs:
         r = Path(r)
         if (r / "scores.json").is_file():
-            runs[r.name] = {"dir": str(r), "scores": read_json_file(r / "scores.json", "scores"),
+            walls = read_json_file(r / "wall.json", "wall record")
+            runs[r.name] = {"dir": str(r), "recipe": walls.get("recipe", r.name), "threads": walls.get("threads"),
+                            "scores": read_json_file(r / "scores.json", "scores"),
                             "config": read_json_file(r / "config.json", "run config")["config"]}
     lines = ["# Training recipes for the 28x28 model at equal wall-clock budget", "",
              f"Real-data floor at the same n (1000 training images against the same 1000 test images): "
@@ -258,8 +260,9 @@ def cmd_report(args: argparse.Namespace) -> None:
                         parts.append(f"{metric.upper()} at {nfe[3:]} NFE {ci_text(d, digits=2)}")
             lines.append(f"- {name} minus baseline: " + "; ".join(parts))
     lines += ["", "The recipes (overrides on the `mnist-cpu` network):", ""]
-    for name in runs:
-        lines.append(f"- `{name}`: `{json.dumps(RECIPES.get(name, {}))}`")
+    for name, rec in runs.items():
+        lines.append(f"- `{name}` (recipe `{rec['recipe']}`, {rec['threads']} thread(s)): "
+                     f"`{json.dumps(RECIPES.get(rec['recipe'], {}))}`")
     lines += ["", "![quality against training minutes](quality_vs_minutes.png)", "",
               "Samples of each recipe's last checkpoint (the same x_T seeds):", ""]
     for name, rec in runs.items():
