@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from difftime.allocator import retain_freed_memory
+from difftime.cli_grid import add_grid_parser
 from difftime.errors import DifftimeError
 
 
@@ -225,6 +226,24 @@ def _frontier_choice(args: argparse.Namespace, run) -> dict[str, Any]:
     return frontier_choice(args.study, args.nfe, run)
 
 
+def _grid_file_choice(args: argparse.Namespace, run) -> tuple:
+    """(T, prior, sampler, steps, eps, options, spacing) from the grid file of --ts."""
+    from difftime.gridopt import TimeGrid
+
+    given = [flag for flag, value in (("--nfe", args.nfe), ("--spacing", args.spacing), ("--eps", args.eps),
+                                      ("--steps", args.steps), ("--steps-per-unit-time", args.steps_per_unit_time))
+             if value is not None] + (["--no-denoise"] if args.no_denoise else [])
+    if given:
+        raise DifftimeError(f"--ts takes the grid, its sampler, eps and NFE from the file; drop {', '.join(given)}")
+    grid = TimeGrid.load(args.ts, run.sde)
+    for flag, value, own in (("--T", args.T, grid.T), ("--sampler", args.sampler, grid.sampler)):
+        if value is not None and value != own:
+            raise DifftimeError(f"{flag} {value} disagrees with the grid file's {own}; drop {flag}")
+    family = args.prior or grid.info.get("prior", "standard")
+    return (grid.T, family, grid.sampler, len(grid.ts) - 1, grid.eps, {"denoise": grid.denoise, "ts": grid.ts},
+            f"{grid.method} grid ({args.ts})")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -245,7 +264,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_sampler_flags(args)
     run = load_run(args.run, weights=args.weights)
     choice = None
-    if args.nfe is not None:
+    if args.ts is not None:
+        T, family, sampler, steps, eps, options, spacing = _grid_file_choice(args, run)
+    elif args.nfe is not None:
         choice = _frontier_choice(args, run)
         T, _ = _horizon(run, choice["T"])
         family, sampler, steps, eps = choice["prior"], choice["sampler"], choice["steps"], choice["eps"]
@@ -499,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --study DIR: sample with the configuration (T, prior, sampler, steps, spacing, "
                             "eps) that DIR's quality frontier found best within this many network calls")
     p.add_argument("--study", help="a study directory holding frontier.json (with --nfe)")
+    p.add_argument("--ts", help="a grid file from `difftime grid`: its times, sampler, eps and NFE")
     p.add_argument("--n", type=_positive_int, default=64)
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
@@ -561,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_study)
+
+    add_grid_parser(sub, _positive_float, _positive_int, _nonnegative_int)
 
     p = sub.add_parser("import", help="wrap a pretrained DDPM (diffusers:DIR) as a run directory, for every command")
     p.add_argument("source", help="diffusers:DIR, a local UNet2DModel + linear-beta DDPM scheduler (no hub access)")

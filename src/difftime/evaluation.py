@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from difftime.errors import DifftimeError
+from difftime.gridopt import GRID_METHODS, TimeGrid, gaussian_grid, gits_grid
 from difftime.likelihood import bits_per_dim, elbo_across_T, full_precision, ode_flow, prior_draws_across_T
 from difftime.priors import Prior, StandardPrior, load_prior, prior_dir
 from difftime.rng import stream_seed
@@ -83,7 +84,7 @@ def draw_samples(
     ``difftime.sampling.sample`` on the run's network and SDE, with its argument rule: (run, prior, T)
     lead as (model, sde, prior, T) do there. ``sampler``, ``steps`` and ``n`` may still be given by
     position too, as the benchmarks do. ``eps`` defaults to ``default_sample_eps(run.sde)`` and
-    ``options`` go to ``sample`` (``spacing``, ``denoise``, sampler options).
+    ``options`` go to ``sample`` (``spacing``, ``denoise``, an explicit grid ``ts``, sampler options).
 
     Returns ``DrawnSamples(x, nfe, wall_s)``: the samples, the NFE per sample and the wall seconds.
     One generator drives the prior draw and every sampler batch, so a seed fixes the samples
@@ -92,7 +93,8 @@ def draw_samples(
     """
     if precision not in SAMPLE_PRECISIONS:
         raise DifftimeError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}, got {precision!r}")
-    T, eps = run.sde.check_horizon(T, default_sample_eps(run.sde) if eps is None else eps)
+    if options.get("ts") is None:
+        T, eps = run.sde.check_horizon(T, default_sample_eps(run.sde) if eps is None else eps)
     generator = torch.Generator().manual_seed(seed)
     model = _BF16Network(run.model) if precision == "bf16" else run.model
     start = time.perf_counter()
@@ -393,3 +395,32 @@ def evaluation_table(r: dict[str, Any]) -> str:
                 rows.append(f"  {name:4s} {shown}  (reference: {r['quality'].get('reference_split')} split,"
                             f" n={r['quality'].get('n_reference')})")
     return "\n".join(rows)
+
+
+def data_variances(run: Run, n: int = 10_000, floor: float = 1e-8) -> Tensor:
+    """The eigenvalues of the run's training data covariance in model space (at most ``n`` examples,
+    the first ones), floored at ``floor``: the spectrum the ``gaussian`` grid optimizer fits to."""
+    from difftime.data import load_data
+
+    dataset = load_data(run.config["resolved"]["data"], seed=run.seed)
+    x = run.scaler.encode(dataset.train[:n], generator=torch.Generator().manual_seed(run.seed)).flatten(1).double()
+    return torch.linalg.eigvalsh(torch.cov(x.T)).clamp_min(floor)
+
+
+def optimize_grid(run: Run, prior: Prior, T: float, sampler: str, nfe: int, method: str, *,
+                  eps: float | None = None, seed: int = 0, precision: str = "fp32", denoise: bool = True,
+                  **options: Any) -> TimeGrid:
+    """A :class:`difftime.gridopt.TimeGrid` for the run's sampler at ``nfe`` from ``prior`` at T:
+    ``gaussian`` on the data's covariance spectrum (:func:`data_variances`; the prior is not used),
+    or ``gits`` with a teacher drawn from ``prior`` by ``seed`` (``options``: n, fine_steps, substeps,
+    batch, cost_order). ``precision`` "bf16" runs the teacher's network under bfloat16 autocast."""
+    if method not in GRID_METHODS:
+        raise DifftimeError(f"unknown grid method {method!r}; choose from {', '.join(GRID_METHODS)}")
+    if precision not in SAMPLE_PRECISIONS:
+        raise DifftimeError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}, got {precision!r}")
+    T, eps = run.sde.check_horizon(T, default_sample_eps(run.sde) if eps is None else eps)
+    if method == "gaussian":
+        return gaussian_grid(run.sde, T, eps, nfe, sampler, variances=data_variances(run), denoise=denoise)
+    model = _BF16Network(run.model) if precision == "bf16" else run.model
+    return gits_grid(model, run.sde, _Shaped(prior, run.shape), T, eps, nfe, sampler,
+                     generator=torch.Generator().manual_seed(seed), denoise=denoise, **options)

@@ -81,6 +81,9 @@ x0_hats of the previous steps (multistep: one network call per step):
     Adams-Bashforth weights of the actual nodes: the integral over the step of the polynomial through
     the stored (sigma_tilde, eps_hat) pairs, divided by the step. ``variable_step=False`` keeps the
     fixed weights (k-diffusion's ``sample_ipndm``). The first step takes the corrected start above.
+  - ``unipc``: UniPC (Zhao et al. 2023), B(h) = e^h - 1 ("bh2"): a multistep predictor (order 2: the
+    2M step) and a corrector that reuses the network call at the predicted point to raise the order
+    by one, at no extra call. Its formulas are in :mod:`difftime.unipc`.
 
 Step coefficients are computed in float64 from the SDE's closed forms (m, sigma, lambda) and
 applied as Python floats, i.e. in the tensor's own dtype.
@@ -88,7 +91,7 @@ applied as Python floats, i.e. in the tensor's own dtype.
 References: score SDE (em, pc, the PF-ODE), https://arxiv.org/abs/2011.13456; DDPM,
 https://arxiv.org/abs/2006.11239; DPM-Solver++ (ddim in lambda, 2M, 3M, 2M-SDE),
 https://arxiv.org/abs/2211.01095; EDM (the karras grid), https://arxiv.org/abs/2206.00364;
-iPNDM, https://arxiv.org/abs/2204.13902.
+iPNDM, https://arxiv.org/abs/2204.13902; UniPC, https://arxiv.org/abs/2302.04867.
 
 Example: ``SAMPLERS`` maps each name to its sampler. A zero network (eps_hat = 0) makes the PF-ODE
 dx/dt = alpha x, which ``ddim`` solves exactly, so x0 = x_T / m(T):
@@ -97,7 +100,7 @@ dx/dt = alpha x, which ``ddim`` solves exactly, so x0 = x_T / m(T):
 >>> from difftime.sampling import SAMPLERS, SPACINGS, timesteps
 >>> from difftime.sde import VPSDE
 >>> list(SAMPLERS)
-['em', 'pc', 'euler', 'heun', 'dopri5', 'ddim', 'dpm++2m', 'dpm++3m', 'dpm++2m-sde', 'ipndm']
+['em', 'pc', 'euler', 'heun', 'dopri5', 'ddim', 'dpm++2m', 'dpm++3m', 'dpm++2m-sde', 'ipndm', 'unipc']
 >>> SPACINGS
 ('time', 'logsnr', 'quadratic', 'karras')
 >>> sde, zero = VPSDE(), lambda x, t: torch.zeros_like(x)
@@ -128,6 +131,7 @@ from difftime.grids import (  # noqa: F401  (re-exported: the grids belong to sa
     timesteps,
 )
 from difftime.sde import SDE, broadcast_to
+from difftime.unipc import unipc_steps
 
 if TYPE_CHECKING:
     from difftime.priors.base import Prior
@@ -511,6 +515,24 @@ def ipndm(
     return _finish(model, sde, x, float(grid[-1]), steps, denoise)
 
 
+@torch.no_grad()
+def unipc(
+    model: nn.Module, sde: SDE, x: Tensor, ts: Grid, *, generator: torch.Generator | None = None,
+    denoise: bool = True, order: int = 2, lower_order_final: bool = True, corrector: bool = True,
+) -> SampleResult:
+    """UniPC-``order`` with B(h) = e^h - 1 (bh2), data prediction (Zhao et al. 2023): the UniP
+    predictor (at order 2 the step of :func:`dpmpp_2m`) and the UniC corrector, which reuses the
+    network call at the predicted point to raise the order by one. Formulas: :mod:`difftime.unipc`.
+    ``lower_order_final`` as diffusers' (step i of a run of ``total`` has order <= total - i, at any
+    length). One network call per step; ``generator`` is unused."""
+    if order not in (1, 2, 3):
+        raise DifftimeError(f"unipc order must be 1, 2 or 3, got {order!r}")
+    grid = check_grid(sde, ts)
+    x = unipc_steps(model, sde, x, grid, order=order, denoise=denoise, lower_order_final=lower_order_final,
+                    corrector=corrector)
+    return _finish(model, sde, x, float(grid[-1]), len(grid) - 1, denoise)
+
+
 SAMPLERS = {
     "em": euler_maruyama,
     "pc": predictor_corrector,
@@ -522,6 +544,7 @@ SAMPLERS = {
     "dpm++3m": dpmpp_3m,
     "dpm++2m-sde": dpmpp_2m_sde,
     "ipndm": ipndm,
+    "unipc": unipc,
 }
 
 
@@ -539,6 +562,7 @@ SAMPLER_SPACINGS = {
     "dpm++3m": "logsnr",
     "dpm++2m-sde": "logsnr",
     "ipndm": "logsnr",
+    "unipc": "logsnr",
 }
 
 
@@ -568,6 +592,7 @@ def sample(
     spacing: str | None = None,
     generator: torch.Generator | None = None,
     batch: int | None = None,
+    ts: Grid | None = None,
     **options: Any,
 ) -> SampleResult:
     """n samples in model space: x_T ~ ``prior``, then ``sampler`` from T down to eps.
@@ -577,7 +602,8 @@ def sample(
     with ``sample(n, generator=None)`` (the :class:`difftime.priors.Prior` protocol). One
     ``generator`` drives the prior draw and every sampler batch, so a seed fixes the samples whatever
     ``batch`` is. Returns ``SampleResult(x, nfe)``, the NFE per sample; ``options`` go to the
-    sampler (``denoise``, ``snr``, ``lower_order_final``, ...).
+    sampler (``denoise``, ``snr``, ``lower_order_final``, ...). An explicit grid ``ts`` (from T down
+    to eps, e.g. a :class:`difftime.gridopt.TimeGrid`'s) replaces ``steps`` and ``spacing``.
 
     ``model(x, t) -> eps_hat`` is any eps-network with absolute time t of shape (B,); ``T`` is the
     horizon (0 < eps < T <= sde.T_max); ``n`` the number of samples and ``batch`` the most the
@@ -598,8 +624,15 @@ def sample(
     True
     """
     step_fn = check_sampler(sampler)
-    T, eps = sde.check_horizon(T, default_sample_eps(sde) if eps is None else eps)
-    ts = timesteps(sde, T, eps, steps, default_spacing(sampler) if spacing is None else spacing)
+    if ts is not None:  # an explicit grid (e.g. difftime.gridopt's) replaces steps and spacing
+        ts = check_grid(sde, ts)
+        if not math.isclose(float(ts[0]), T, rel_tol=1e-9) or (eps is not None and not math.isclose(
+                float(ts[-1]), eps, rel_tol=1e-9)):
+            raise DifftimeError(f"the grid runs from {float(ts[0]):g} to {float(ts[-1]):g}, not from T={T:g}"
+                                + ("" if eps is None else f" to eps={eps:g}"))
+    else:
+        T, eps = sde.check_horizon(T, default_sample_eps(sde) if eps is None else eps)
+        ts = timesteps(sde, T, eps, steps, default_spacing(sampler) if spacing is None else spacing)
     with torch.no_grad():
         x_T = prior.sample(n, generator=generator)
     chunks, nfe = [], 0
