@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from difftime.cli import main
+from difftime.gridopt import TimeGrid
 from difftime.study import frontier_steps
 from difftime.study.analysis import claims, nfe_savings, quality_frontier
 
@@ -386,6 +387,40 @@ def test_quality_frontier_is_written_and_sample_picks_from_it(digits_study, tiny
                  str(tmp_path / "x.npz")]) == 2
     assert "not the run the study measured" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_rerun_with_frontier_grids_adds_optimized_grid_records(digits_study, tmp_path, capsys):
+    """study.frontier_grids on a finished study: each cell gains the gaussian and gits grid records of
+    its frontier sampler at every budget (exact NFE, the grid file kept in grids/, its wall time
+    recorded), the records it had are kept as they were, and the frontier may pick a grid, which
+    `sample --nfe` then samples on."""
+    import shutil
+
+    out = tmp_path / "study"
+    shutil.copytree(digits_study, out)
+    before = {p.name: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert main(["study", "--preset", "digits", "--config", str(_tiny_study(tmp_path)), "--out", str(out),
+                 "--frontier-grids", "gaussian,gits", "--no-progress"]) == 0
+    for name, old in before.items():
+        cell = json.loads((out / "cells" / name).read_text())
+        assert cell["sampling"][: len(old["sampling"])] == old["sampling"]
+        added = cell["sampling"][len(old["sampling"]):]
+        assert sorted((r["spacing"], r["nfe"]) for r in added) == [("gaussian", 3), ("gaussian", 6), ("gits", 3),
+                                                                   ("gits", 6)]
+        for r in added:
+            grid = TimeGrid.load(out / r["grid_file"])
+            assert grid.T == cell["T"] and grid.nfe == r["nfe"] and grid.method == r["spacing"]
+            assert r["grid_wall_s"] > 0 and r["sampler"] == "dpm++2m"
+    frontier = json.loads((out / "frontier.json").read_text())["frontier"]
+    records = [s for c in _results(out)["cells"] for s in c["sampling"]]
+    assert all(e["best"]["value"] <= min(s["quality"]["kid"]["value"] for s in records if s["nfe"] <= e["budget"])
+               for e in frontier if e["choice"] == "best")
+    chosen = frontier[-1][frontier[-1]["choice"]]
+    capsys.readouterr()
+    assert main(["sample", str(out / "runs" / "main"), "--nfe", "6", "--study", str(out), "--n", "4", "--out",
+                 str(tmp_path / "s.npz")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["nfe"] == chosen["nfe"] and report["spacing"] == chosen["spacing"]
 
 
 def _frontier_cell(T: float, prior: str, records: list[tuple[int, float]], metric: str = "fd",

@@ -271,7 +271,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         T, _ = _horizon(run, choice["T"])
         family, sampler, steps, eps = choice["prior"], choice["sampler"], choice["steps"], choice["eps"]
         options: dict[str, Any] = {"denoise": choice.get("denoise", True)}
-        if choice.get("spacing"):
+        if choice.get("grid_file"):  # an optimized grid the study kept in its grids/
+            from difftime.gridopt import TimeGrid
+
+            options["ts"] = TimeGrid.load(Path(args.study) / choice["grid_file"], run.sde).ts
+        elif choice.get("spacing"):
             options["spacing"] = choice["spacing"]
         spacing = choice.get("spacing")
     else:
@@ -425,7 +429,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         "n_samples": args.n_samples, "n_likelihood": args.n_likelihood, "fixed_steps": args.fixed_steps,
         "steps_per_unit_time": args.steps_per_unit_time, "prior_steps": args.prior_steps,
         "spacing": args.spacing, "sample_eps": args.eps, "nfe_budgets": args.nfe_budgets,
-        "frontier_samplers": args.frontier_samplers, "fid": True if args.fid else None}.items() if v is not None}}
+        "frontier_samplers": args.frontier_samplers, "frontier_grids": args.frontier_grids,
+        "fid": True if args.fid else None}.items() if v is not None}}
     if args.steps is not None:
         overrides["train"] = {"steps": args.steps}
     if args.seed is not None:
@@ -568,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "run's eps)); the likelihoods keep the run's eps")
     p.add_argument("--nfe-budgets", type=_comma_list(_positive_int),
                    help="NFE budgets of the quality frontier, e.g. 4,6,10,20")
+    p.add_argument("--frontier-grids", type=_comma_list_or_none,
+                   help="optimized grids the frontier also tries: gaussian, gits (comma list); none: only spacings")
     p.add_argument("--frontier-samplers", type=_comma_list_or_none,
                    help="samplers run at exactly each NFE budget for the frontier, e.g. dpm++2m,ipndm; none: skip")
     p.add_argument("--mode", choices=["truncate", "per-T"],

@@ -76,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
         # each of frontier_samplers at exactly these NFE (empty: no frontier sampling).
         "nfe_budgets": [4, 6, 8, 10, 15, 20, 30, 50],
         "frontier_samplers": ["dpm++2m", "dpm++3m", "ipndm"],
+        # The frontier also samples each frontier sampler on these optimized grids (difftime.gridopt:
+        # gaussian, gits), found per (T, prior, sampler, budget) and kept in the study's grids/.
+        "frontier_grids": [],
         "steps_per_unit_time": 100.0,  # the budget proportional to T: round(steps_per_unit_time * T) steps
         "fixed_steps": 20,           # one budget shared by every T; 0: none
         "sample_precision": "fp32",  # the network during sampling: fp32, or bf16 (autocast; likelihoods stay fp32)
@@ -112,9 +115,13 @@ _NET_KEYS = {
 _SDE_KEYS = {"vp": ("b0", "b1"), "subvp": ("b0", "b1"), "ve": ("sigma_min", "sigma_max")}
 
 
-def _list_item_ok(default: list[Any], item: Any) -> bool:
+# Lists whose default is empty hold names, not the integers an empty default implies.
+_NAME_LISTS = ("study.frontier_grids",)
+
+
+def _list_item_ok(default: list[Any], item: Any, path: str = "") -> bool:
     """List items take the type of the default's items; an int is accepted where floats are."""
-    if any(isinstance(v, str) for v in default):
+    if any(isinstance(v, str) for v in default) or path in _NAME_LISTS:
         return isinstance(item, str)
     if isinstance(item, bool):
         return False
@@ -132,7 +139,7 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, list):
-        ok = isinstance(value, list) and all(_list_item_ok(default, v) for v in value)
+        ok = isinstance(value, list) and all(_list_item_ok(default, v, path) for v in value)
         value = [float(v) for v in value] if ok and any(isinstance(v, float) for v in default) else value
     else:
         ok = isinstance(value, type(default))

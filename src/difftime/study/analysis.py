@@ -335,7 +335,8 @@ def _configuration(cell: dict[str, Any], r: dict[str, Any], metric: str, floor_s
     unc, kind = _uncertainty(r["quality"][metric], floor_sd)
     return {"T": cell["T"], "prior": cell["prior"], "sampler": r["sampler"], "steps": r["steps"], "nfe": r["nfe"],
             "spacing": r.get("spacing"), "eps": r.get("eps", cell.get("sample_eps", cell.get("eps"))),
-            "denoise": r.get("denoise", True), "budget_kind": r["budget"], "value": r["quality"][metric]["value"],
+            "denoise": r.get("denoise", True), "grid_file": r.get("grid_file"), "grid_wall_s": r.get("grid_wall_s"),
+            "budget_kind": r["budget"], "value": r["quality"][metric]["value"],
             "uncertainty": unc, "uncertainty_kind": kind, "run": cell.get("run"),
             "run_identity": cell.get("run_identity")}
 

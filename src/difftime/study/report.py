@@ -59,8 +59,9 @@ def _pm(value: float, unc: float | None, digits: int = 3) -> str:
 
 
 def _config_text(c: dict[str, Any]) -> str:
+    grid = f", optimized in {c['grid_wall_s']:.1f} s" if c.get("grid_wall_s") is not None else ""
     return f"T={c['T']:g}, {c['prior']}, {c['sampler']} {c['steps']} steps" + (
-        f" ({c['spacing']})" if c.get("spacing") else "")
+        f" ({c['spacing']}{' grid' if grid else ''}{grid})" if c.get("spacing") else "")
 
 
 def frontier_record(summary: dict[str, Any], metric: str | None, floor_sd: float | None) -> dict[str, Any]:
@@ -392,7 +393,10 @@ def _frontier_md(rep: _Report) -> list[str]:
                   f"the best with NFE <= N at T={summary['T_ref']:g} with the standard prior. Each score with its "
                   "bootstrap se; the difference with its paired bootstrap 95% interval. The best of many "
                   "configurations is biased low. "
-                  f"`difftime sample RUN --nfe N --study {out}` samples with the lower of the two.")
+                  + ("A gaussian or gits grid was optimized for its (T, prior, sampler, NFE) "
+                     "(`difftime.gridopt`, kept in grids/); its optimization time is stated beside it. "
+                     if summary["settings"].get("frontier_grids") else "")
+                  + f"`difftime sample RUN --nfe N --study {out}` samples with the lower of the two.")
         md.append("")
         frows = []
         for e in frontier["frontier"]:

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from difftime.config import merge, validate
 from difftime.data import load_data
 from difftime.errors import DifftimeError
-from difftime.evaluation import draw_samples, likelihood_across_T, resolve_prior
+from difftime.evaluation import draw_samples, likelihood_across_T, optimize_grid, resolve_prior
+from difftime.gridopt import TimeGrid
 from difftime.headroom import run_headroom
 from difftime.io import atomic_write_bytes, exclusive_lock, read_json_file, save_json
 from difftime.metrics import quality_metrics
@@ -43,7 +44,8 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _fid_name(c: dict[str, Any]) -> str:
-    return f"{cell_name(c['T'], c['prior'])}-{c['sampler']}-{c['steps']}"
+    grid = f"-{c.get('spacing')}" if c.get("grid_file") else ""  # an optimized grid, not the sampler's fixed spacing
+    return f"{cell_name(c['T'], c['prior'])}-{c['sampler']}-{c['steps']}{grid}"
 
 
 class Study:
@@ -205,30 +207,21 @@ class Study:
         budgets = [("proportional", steps_for_horizon(T, s["steps_per_unit_time"]))]
         budgets += [("fixed", s["fixed_steps"])] if s["fixed_steps"] else []
         budgets += [("sweep", steps) for steps in sweep]
-        plan = [(sampler, budget, steps, None) for sampler in s["samplers"] for budget, steps in budgets]
-        plan += [(sampler, "frontier", steps, nfe) for sampler in s["frontier_samplers"]
-                 for nfe, steps in s["frontier_steps"][sampler]]
+        plan = [(sampler, budget, steps, None, None) for sampler in s["samplers"] for budget, steps in budgets]
+        plan += [(sampler, "frontier", steps, nfe, method) for sampler in s["frontier_samplers"]
+                 for nfe, steps in s["frontier_steps"][sampler] for method in (None, *s["frontier_grids"])]
         sample_eps = s["sample_eps"]
-        options = {} if s["spacing"] == "auto" else {"spacing": s["spacing"]}
         sampling: list[dict[str, Any]] = []
         grid_samples = None
-        done: set[tuple[str, int]] = set()
-        for sampler, budget, steps, target_nfe in plan:
-            if (sampler, steps) in done:  # e.g. a frontier budget that a proportional one already sampled
+        done: set[tuple[str, int, str | None]] = set()
+        for sampler, budget, steps, target_nfe, method in plan:
+            if (sampler, steps, method) in done:  # e.g. a frontier budget that a proportional one already sampled
                 continue
-            done.add((sampler, steps))
-            samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, s["n_samples"],
-                                                     seed=seed, eps=sample_eps, precision=s["sample_precision"],
-                                                     **options)
-            if target_nfe is not None and nfe != target_nfe:
-                raise DifftimeError(f"{sampler} with {steps} steps spent {nfe} NFE, not the budget {target_nfe}")
-            start = time.perf_counter()
-            quality = self._quality(samples, dataset)
-            sampling.append({"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe,
-                             "spacing": options.get("spacing", default_spacing(sampler)), "eps": sample_eps,
-                             "denoise": True, "n": s["n_samples"], "precision": s["sample_precision"],
-                             "sample_wall_s": sample_wall,
-                             "metrics_wall_s": time.perf_counter() - start, "quality": quality})
+            done.add((sampler, steps, method))
+            record, samples = self._sampling_record(run, prior, T, family, sampler, budget, steps, target_nfe,
+                                                    method, dataset)
+            sampling.append(record)
+            nfe = record["nfe"]
             if grid_samples is None and budget == "proportional":
                 grid_samples = (samples, sampler, nfe)
         assert grid_samples is not None
@@ -250,6 +243,60 @@ class Study:
                 "sampling": sampling, "wall": wall, "artifacts": artifacts}
         save_json(self.out / "cells" / f"{name}.json", cell)
         return cell
+
+    def _sampling_record(self, run, prior, T: float, family: str, sampler: str, budget: str, steps: int,
+                         target_nfe: int | None, method: str | None, dataset) -> tuple[dict[str, Any], np.ndarray]:
+        """Draw one sample set of a cell (on the sampler's spacing, or on the optimized grid of
+        ``method``), score it, and return its sampling record with the samples."""
+        s = self.settings
+        options = {} if s["spacing"] == "auto" else {"spacing": s["spacing"]}
+        record: dict[str, Any] = {"spacing": options.get("spacing", default_spacing(sampler))}
+        if method is not None:  # an optimized grid for this (T, prior, sampler, budget), cached in grids/
+            grid, path = self._optimized_grid(run, prior, T, family, sampler, target_nfe, method)
+            options = {"ts": grid.ts}
+            record = {"spacing": method, "grid_file": str(path.relative_to(self.out)), "grid_wall_s": grid.info["wall_s"]}
+        samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, s["n_samples"],
+                                                 seed=self.config["seed"], eps=s["sample_eps"],
+                                                 precision=s["sample_precision"], **options)
+        if target_nfe is not None and nfe != target_nfe:
+            raise DifftimeError(f"{sampler} with {steps} steps spent {nfe} NFE, not the budget {target_nfe}")
+        start = time.perf_counter()
+        quality = self._quality(samples, dataset)
+        return {"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe, **record, "eps": s["sample_eps"],
+                "denoise": True, "n": s["n_samples"], "precision": s["sample_precision"],
+                "sample_wall_s": sample_wall, "metrics_wall_s": time.perf_counter() - start,
+                "quality": quality}, samples
+
+    def _add_grid_records(self, path: Path, cell: dict[str, Any], run, prior, dataset) -> dict[str, Any]:
+        """A finished cell from before ``study.frontier_grids`` named a method: sample only the
+        optimized-grid records it lacks, and save the cell with them."""
+        s = self.settings
+        have = {(r["sampler"], r["steps"], r["spacing"]) for r in cell["sampling"] if r.get("grid_file")}
+        missing = [(sampler, steps, nfe, method) for sampler in s["frontier_samplers"]
+                   for nfe, steps in s["frontier_steps"][sampler] for method in s["frontier_grids"]
+                   if (sampler, steps, method) not in have]
+        for sampler, steps, nfe, method in missing:
+            record, _ = self._sampling_record(run, prior, cell["T"], cell["prior"], sampler, "frontier", steps, nfe,
+                                              method, dataset)
+            cell["sampling"].append(record)
+            cell["wall"]["sampling_s"] += record["sample_wall_s"]
+            cell["wall"]["quality_metrics_s"] += record["metrics_wall_s"]
+        if missing:
+            save_json(path, cell)
+        return cell
+
+    def _optimized_grid(self, run, prior, T: float, family: str, sampler: str, nfe: int,
+                        method: str) -> tuple[TimeGrid, Path]:
+        """The ``method`` grid of (T, prior, sampler, NFE), optimized once and kept in grids/."""
+        s = self.settings
+        path = self.out / "grids" / f"{cell_name(T, family)}-{sampler}-{nfe}-{method}.json"
+        if path.is_file():
+            return TimeGrid.load(path, run.sde), path
+        grid = optimize_grid(run, prior, T, sampler, nfe, method, eps=s["sample_eps"], seed=self.config["seed"],
+                             precision=s["sample_precision"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path, overwrite=True)  # only an unfinished earlier attempt can be there
+        return grid, path
 
     def _fid_headline(self, cells: list[dict[str, Any]], runs: dict[float, Any], priors: dict[float, dict[str, Any]],
                       dataset, T_ref: float) -> dict[str, Any] | None:
@@ -284,10 +331,12 @@ class Study:
                     if saved is not None and saved.get("n") == n and len(saved["fid"].get("replicates", [])) == boot:
                         scored[name] = saved
                     else:  # new, or scored at another study.fid_headline / bootstrap
+                        grid_options = ({"ts": TimeGrid.load(self.out / c["grid_file"]).ts} if c.get("grid_file")
+                                        else options)
                         samples, nfe, wall = draw_samples(runs[c["T"]], priors[c["T"]][c["prior"]], c["T"],
                                                           c["sampler"], c["steps"], s["n_samples"],
                                                           seed=self.config["seed"], eps=s["sample_eps"],
-                                                          precision=s["sample_precision"], **options)
+                                                          precision=s["sample_precision"], **grid_options)
                         t0 = time.perf_counter()
                         fid = quality_metrics(samples[:n], dataset.name, ("fid",), n_reference=n,
                                               reference_split=self._splits(dataset)[0], seed=self.config["seed"],
@@ -295,7 +344,8 @@ class Study:
                         grid = f"fid/{name}.png"
                         save_samples_figure(samples[: s["grid_images"]], self.out / grid,
                                             title=f"T={c['T']:g}, {c['prior']} prior, {c['sampler']}, NFE={nfe}")
-                        scored[name] = {"configuration": {k: c[k] for k in ("T", "prior", "sampler", "steps", "nfe")},
+                        scored[name] = {"configuration": {k: c.get(k) for k in ("T", "prior", "sampler", "steps", "nfe",
+                                                                                "spacing", "grid_file")},
                                         "nfe": nfe, "n": n, "fid": fid, "sample_wall_s": wall,
                                         "fid_wall_s": time.perf_counter() - t0, "grid": grid}
                         save_json(path, scored[name])
@@ -365,8 +415,11 @@ class Study:
                 if path.is_file():
                     # The likelihood stage is the source of a cell's likelihood figures (it may have been
                     # recomputed for a changed grid since the cell was written).
-                    by_cell[T, family] = {**read_json_file(path, "study cell"),
-                                          "likelihood": likelihood["cells"][f"{T:g}"][family]}
+                    cell = {**read_json_file(path, "study cell"), "likelihood": likelihood["cells"][f"{T:g}"][family]}
+                    if s["frontier_grids"]:
+                        bar.set_postfix_str(f"T={T:g} {family} grids")
+                        cell = self._add_grid_records(path, cell, runs[T], priors[T][family], dataset)
+                    by_cell[T, family] = cell
                 else:
                     bar.set_postfix_str(f"T={T:g} {family}")
                     run = runs[T]

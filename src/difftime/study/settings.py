@@ -12,6 +12,7 @@ import torch
 from difftime.config import build_config, merge, sde_config, validate
 from difftime.errors import DifftimeError
 from difftime.evaluation import SAMPLE_PRECISIONS
+from difftime.gridopt import CALLS_PER_STEP, GRID_METHODS
 from difftime.likelihood import ELBO_DESIGNS
 from difftime.metrics import IMAGE_METRICS, METRICS, VECTOR_METRICS
 from difftime.priors import PRIOR_FAMILIES
@@ -23,7 +24,7 @@ SAMPLER_ALIASES = {"ode": "heun", "sde": "em"}
 MODES = ("truncate", "per-T")
 # Study settings that may change between reruns of one study directory: they only add or drop cells
 # (or, for headroom_n, the headroom stage).
-GRID_KEYS = ("T_grid", "priors", "headroom_n", "fid_headline")
+GRID_KEYS = ("T_grid", "priors", "headroom_n", "fid_headline", "frontier_grids")
 
 
 def sample_eps(config: dict[str, Any]) -> float:
@@ -103,6 +104,14 @@ def study_settings(config: dict[str, Any]) -> dict[str, Any]:
         raise DifftimeError(f"study.frontier_samplers: unknown {bad}; choose from "
                             f"{', '.join([*SAMPLERS, *SAMPLER_ALIASES])}")
     s["frontier_samplers"] = list(dict.fromkeys(frontier))
+    s["frontier_grids"] = list(dict.fromkeys(s["frontier_grids"]))
+    bad = [m for m in s["frontier_grids"] if m not in GRID_METHODS]
+    if bad:
+        raise DifftimeError(f"study.frontier_grids: unknown {bad}; choose from {', '.join(GRID_METHODS)}")
+    bad = [name for name in s["frontier_samplers"] if s["frontier_grids"] and name not in CALLS_PER_STEP]
+    if bad:
+        raise DifftimeError(f"study.frontier_grids: no optimized grid for {bad}; use frontier samplers among "
+                            f"{', '.join(CALLS_PER_STEP)}")
     if s["frontier_samplers"] and not s["nfe_budgets"]:
         raise DifftimeError("study.nfe_budgets is empty; give budgets or set study.frontier_samplers to []")
     sde = sde_from_config(sde_config(config))
