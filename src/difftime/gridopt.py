@@ -240,16 +240,39 @@ class _NodeRecorder(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class GitsTeacher:
+    """The teacher of GITS at one (T, prior): its log-SNR ``nodes`` and the step ``cost`` between
+    them. One teacher serves every sampler and budget (:meth:`grid`); building it is the only part
+    that calls the network."""
+
+    nodes: Tensor
+    cost: Tensor
+    info: dict[str, Any]
+
+    def grid(self, sampler: str, nfe: int, denoise: bool = True) -> TimeGrid:
+        """The least-cost grid of ``sampler`` at ``nfe`` network calls, by dynamic programming."""
+        start = time.perf_counter()
+        steps = steps_for_nfe(sampler, nfe, denoise)
+        M = len(self.nodes) - 1
+        if M < steps:
+            raise DifftimeError(f"the teacher has {M} fine steps, fewer than the grid's {steps}; use more fine_steps")
+        path, total = _least_cost_path(self.cost, steps)
+        ts = self.nodes[path].clone()
+        ts[0], ts[-1] = self.nodes[0], self.nodes[-1]
+        info = {**self.info, "cost": total, "cost_logsnr": _path_cost(self.cost, _uniform_path(M, steps)),
+                "wall_s": self.info["teacher_wall_s"] + time.perf_counter() - start}
+        return TimeGrid(tuple(ts.tolist()), sampler, nfe, "gits", denoise, info)
+
+
 @torch.no_grad()
-def gits_grid(
-    model: nn.Module, sde: SDE, prior: Any, T: float, eps: float, nfe: int, sampler: str, *, n: int = 128,
-    fine_steps: int = 48, substeps: int = 3, generator: torch.Generator | None = None, batch: int = 128,
-    denoise: bool = True, cost_order: int = 1,
-) -> TimeGrid:
-    """The model-based grid (GITS, module docstring): a teacher of ``n`` trajectories from
-    ``prior.sample`` at T on ``fine_steps`` + 1 log-SNR nodes (``substeps`` dpm++2m steps between
-    nodes), then the least-cost N-step path by dynamic programming. ``info`` records the costs, the
-    network calls of the teacher and the wall time.
+def gits_teacher(
+    model: nn.Module, sde: SDE, prior: Any, T: float, eps: float, *, n: int = 128, fine_steps: int = 48,
+    substeps: int = 3, generator: torch.Generator | None = None, batch: int = 128, cost_order: int = 1,
+) -> GitsTeacher:
+    """GITS's teacher (module docstring): ``n`` trajectories from ``prior.sample`` at T on
+    ``fine_steps`` + 1 log-SNR nodes (``substeps`` dpm++2m steps between nodes) and the cost of every
+    coarse step between nodes.
 
     ``cost_order=2`` measures each step's error with the 2M step from the previous node instead of
     DDIM's (the dynamic programme then runs on pairs of nodes, still without network calls). On
@@ -257,12 +280,9 @@ def gits_grid(
     so GITS's cost is the default."""
     if cost_order not in (1, 2):
         raise DifftimeError(f"cost_order must be 1 or 2, got {cost_order!r}")
-    steps = steps_for_nfe(sampler, nfe, denoise)
     T, eps = sde.check_horizon(T, eps)
-    if fine_steps < steps:
-        raise DifftimeError(f"fine_steps ({fine_steps}) must be at least the grid's {steps} steps")
-    if n < 1 or substeps < 1:
-        raise DifftimeError("n and substeps must be >= 1")
+    if n < 1 or substeps < 1 or fine_steps < 1:
+        raise DifftimeError("n, fine_steps and substeps must be >= 1")
     start = time.perf_counter()
     dense = timesteps(sde, T, eps, fine_steps * substeps, "logsnr")
     nodes = dense[::substeps]
@@ -278,14 +298,20 @@ def gits_grid(
     lam, m, sigma = sde.log_snr(nodes), sde.m(nodes), sde.sigma(nodes)
     x0 = ((x - sigma[None, :, None] * e) / m[None, :, None]).float()
     cost = _step_costs(x.float(), x0, lam, m, sigma, cost_order)
-    path, total = _least_cost_path(cost, steps)
-    ts = nodes[path]
-    ts[0], ts[-1] = T, eps
-    M = len(nodes) - 1
-    info = {"cost": total, "cost_logsnr": _path_cost(cost, _uniform_path(M, steps)), "n": n,
-            "fine_steps": fine_steps, "substeps": substeps, "teacher_nfe": n * (fine_steps * substeps + 1),
-            "cost_order": cost_order, "wall_s": time.perf_counter() - start}
-    return TimeGrid(tuple(ts.tolist()), sampler, nfe, "gits", denoise, info)
+    info = {"n": n, "fine_steps": fine_steps, "substeps": substeps, "teacher_nfe": n * (fine_steps * substeps + 1),
+            "cost_order": cost_order, "teacher_wall_s": time.perf_counter() - start}
+    return GitsTeacher(nodes, cost, info)
+
+
+def gits_grid(
+    model: nn.Module, sde: SDE, prior: Any, T: float, eps: float, nfe: int, sampler: str, *,
+    denoise: bool = True, **teacher: Any,
+) -> TimeGrid:
+    """The model-based grid (GITS, module docstring): :func:`gits_teacher` (``teacher`` holds its
+    options), then the least-cost grid for ``sampler`` at ``nfe``. ``info`` records the path's cost
+    and the uniform log-SNR path's, the teacher's network calls and the wall time."""
+    steps_for_nfe(sampler, nfe, denoise)  # a budget the sampler cannot spend fails before the teacher runs
+    return gits_teacher(model, sde, prior, T, eps, **teacher).grid(sampler, nfe, denoise)
 
 
 def _step_costs(x: Tensor, x0: Tensor, lam: Tensor, m: Tensor, sigma: Tensor, order: int) -> Tensor:
