@@ -254,8 +254,8 @@ def cmd_headline(args: argparse.Namespace) -> None:
         pooled = {}
         for side, rec in best.items():
             recs = [bench.record(rec["method"], nfe, args.n_headline, seed) for seed in args.seeds]
-            samples = np.concatenate([np.load((bench.out / "sets" / f"{slug(r['method'])}-nfe{nfe}-seed{r['seed']}"
-                                               f"-n{r['n']}.npy")) for r in recs])
+            samples = np.concatenate([np.load(bench.out / "sets" / f"{slug(r['method'])}-nfe{nfe}-seed{r['seed']}"
+                                               f"-n{r['n']}.npy") for r in recs])
             pooled[side] = samples
             q = quality_metrics(samples, "mnist", ("kid", "fd"), reference_split="test", seed=0, progress=False,
                                 bootstrap=BOOT)

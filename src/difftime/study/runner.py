@@ -254,7 +254,8 @@ class Study:
         if method is not None:  # an optimized grid for this (T, prior, sampler, budget), cached in grids/
             grid, path = self._optimized_grid(run, prior, T, family, sampler, target_nfe, method)
             options = {"ts": grid.ts}
-            record = {"spacing": method, "grid_file": str(path.relative_to(self.out)), "grid_wall_s": grid.info["wall_s"]}
+            record = {"spacing": method, "grid_file": str(path.relative_to(self.out)),
+                      "grid_wall_s": grid.info["wall_s"]}
         samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, s["n_samples"],
                                                  seed=self.config["seed"], eps=s["sample_eps"],
                                                  precision=s["sample_precision"], **options)
