@@ -3,20 +3,21 @@
 Model: a trained MNIST run (default ``runs/mnist-cpu``, the ``mnist-cpu`` preset), VP with
 beta(t) = 0.1 + 19.9 t, the continuous limit of diffusers' linear 1e-4..0.02 DDPM schedule.
 
-Ours (truncated): difftime from the run's fitted prior (``--prior``, default flow) at each T of
-``--T``, with unipc, dpm++2m and ipndm, each on three grids: the log-SNR spacing and the two
+Ours (truncated): difftime from the run's fitted priors (``--priors``, default gaussian and flow)
+at each T of ``--T``, with ``--samplers`` (default unipc and ipndm; dpm++2m is unipc without its
+corrector), each on three grids: the log-SNR spacing and the two
 optimized grids of ``difftime.gridopt`` (``gits``: a teacher of 128 trajectories from that prior
 at T, one per (T, prior), shared by every sampler and budget; ``gaussian``: model-free, on the
 covariance spectrum of the training data). Sampling ends at eps = 1e-3 with Tweedie's step.
 
 Peers: diffusers schedulers from N(0, I) at the top DDPM step (DPM-Solver++ 2M and 3M, UniPC bh2,
 each with and without Karras sigmas, DEIS, DDIM trailing; benchmarks/peer_samplers.py's time map),
-and, the strongest fair peer, difftime's own unipc, dpm++2m and ipndm at T = 1 from the standard
+and, the strongest fair peer, difftime's own samplers at T = 1 from the standard
 prior on the same three grids (the same optimizers, without truncation). Every method is asserted
 to spend exactly the budgeted NFE. The network runs under bf16 autocast for every method.
 
 Design:
-  1. ``select``: every method at every budget on seed 0, n = ``--n`` samples, classifier KID and FD
+  1. ``select``: every method at every budget on seed 0, n = ``--n`` (200) samples, classifier KID and FD
      against the test split (bootstrap se). The grid optimization wall time is recorded per grid.
   2. ``headline``: per budget, each side's best by KID on seed 0 is drawn again on held-out seeds
      (``--seeds``, n each, sample i of both sides from the same seed): KID and FD of the pooled
@@ -27,10 +28,10 @@ Design:
   3. ``report``: ``docs/mnist-frontier`` (report.md, results.json, quality_vs_nfe.png, grids of the
      headline samples) and the rows of BENCHMARKS.md that name 28x28.
 
-Every sample set's record is cached under ``--out`` (a rerun resumes).
+Every sample set's record is cached under ``--out`` (a rerun resumes); ``all`` runs the selection
+and the headline budget by budget.
 
-    python benchmarks/mnist_frontier.py select --run runs/mnist-cpu --out runs/mnist-frontier
-    python benchmarks/mnist_frontier.py headline --run runs/mnist-cpu --out runs/mnist-frontier
+    python benchmarks/mnist_frontier.py all --run runs/mnist-cpu --out runs/mnist-frontier
     python benchmarks/mnist_frontier.py report --out runs/mnist-frontier --docs docs/mnist-frontier
 """
 
@@ -56,7 +57,6 @@ from difftime.plots import save_samples_figure
 from difftime.run import Run, load_run
 from difftime.stats import replicate_difference
 
-SAMPLERS = ("unipc", "dpm++2m", "ipndm")
 GRIDS = ("logsnr", "gits", "gaussian")
 EPS = 1e-3
 BOOT, FID_BOOT, N_FID = 200, 50, 1000
@@ -88,14 +88,15 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.+]+", "-", text.lower()).strip("-")
 
 
-def methods(Ts: list[float], prior: str) -> dict[str, dict[str, Any]]:
+def methods(Ts: list[float], priors: list[str], samplers: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for T in Ts:
-        for sampler in SAMPLERS:
-            for grid in GRIDS:
-                out[f"difftime {sampler} {grid}, {prior} prior, T={T:g}"] = {
-                    "side": "ours", "sampler": sampler, "grid": grid, "prior": prior, "T": T}
-    for sampler in SAMPLERS:
+    for prior in priors:
+        for T in Ts:
+            for sampler in samplers:
+                for grid in GRIDS:
+                    out[f"difftime {sampler} {grid}, {prior} prior, T={T:g}"] = {
+                        "side": "ours", "sampler": sampler, "grid": grid, "prior": prior, "T": T}
+    for sampler in samplers:
         for grid in GRIDS:
             out[f"difftime {sampler} {grid}, standard prior, T=1"] = {
                 "side": "peer", "sampler": sampler, "grid": grid, "prior": "standard", "T": 1.0}
@@ -105,13 +106,13 @@ def methods(Ts: list[float], prior: str) -> dict[str, dict[str, Any]]:
 
 
 class Bench:
-    def __init__(self, run_dir: str, out: str, prior: str, Ts: list[float], teacher_n: int = 128,
-                 fine_steps: int = 48) -> None:
+    def __init__(self, run_dir: str, out: str, priors: list[str], Ts: list[float], samplers: list[str],
+                 teacher_n: int = 128, fine_steps: int = 48) -> None:
         self.run: Run = load_run(run_dir)
         self.teacher_options = {"n": teacher_n, "fine_steps": fine_steps}
         check_schedule(self.run)
         self.out = Path(out)
-        self.methods = methods(Ts, prior)
+        self.methods = methods(Ts, priors, samplers)
         self.priors: dict[tuple[str, float], Any] = {}
         self.teachers: dict[tuple[str, float], GitsTeacher] = {}
         self.variances = None
@@ -224,23 +225,34 @@ def peer_sample(run: Run, spec: tuple[str, dict], nfe: int, n: int, seed: int) -
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    bench = Bench(args.run, args.out, args.prior, args.T, args.teacher_n, args.fine_steps)
-    start = time.perf_counter()
+    bench = Bench(args.run, args.out, args.priors, args.T, args.samplers, args.teacher_n, args.fine_steps)
     for nfe in args.nfe:
-        for label in bench.methods:
-            rec = bench.record(label, nfe, args.n, 0)
-            print(f"NFE {nfe:2d} {label:48s} KID {rec['kid']['value']:7.3f} FD {rec['fd']['value']:7.3f}  "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+        select(bench, nfe, args.n)
 
 
-def best_by_side(out: Path, nfe: int, n: int) -> dict[str, dict[str, Any]]:
-    recs = [read_json_file(p, "record") for p in sorted((out / "sets").glob(f"*-nfe{nfe}-seed0-n{n}.json"))]
+def select(bench: Bench, nfe: int, n: int) -> None:
+    start = time.perf_counter()
+    for label in bench.methods:
+        rec = bench.record(label, nfe, n, 0)
+        print(f"NFE {nfe:2d} {label:48s} KID {rec['kid']['value']:7.3f} FD {rec['fd']['value']:7.3f}  "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def cmd_all(args: argparse.Namespace) -> None:
+    """Selection and headline budget by budget, so that finished budgets are complete rows."""
+    for nfe in args.nfe:
+        cmd_select(argparse.Namespace(**{**vars(args), "nfe": [nfe]}))
+        cmd_headline(argparse.Namespace(**{**vars(args), "nfe": [nfe]}))
+
+
+def best_by_side(bench: Bench, nfe: int, n: int) -> dict[str, dict[str, Any]]:
+    recs = [bench.record(label, nfe, n, 0) for label in bench.methods]
     return {side: min((r for r in recs if r["side"] == side), key=lambda r: r["kid"]["value"])
             for side in ("ours", "peer")}
 
 
 def cmd_headline(args: argparse.Namespace) -> None:
-    bench = Bench(args.run, args.out, args.prior, args.T, args.teacher_n, args.fine_steps)
+    bench = Bench(args.run, args.out, args.priors, args.T, args.samplers, args.teacher_n, args.fine_steps)
     from recipe import data_floor
 
     floor = data_floor(Path(args.floor_cache))
@@ -249,7 +261,7 @@ def cmd_headline(args: argparse.Namespace) -> None:
         path = bench.out / "headline" / f"nfe{nfe}.json"
         if path.is_file():
             continue
-        best = best_by_side(bench.out, nfe, args.n)
+        best = best_by_side(bench, nfe, args.n)
         entry: dict[str, Any] = {"nfe": nfe, "seeds": args.seeds, "n_per_seed": args.n_headline}
         pooled = {}
         for side, rec in best.items():
@@ -285,6 +297,135 @@ def cmd_headline(args: argparse.Namespace) -> None:
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
 
+TARGETS = {4: ("<= 1/3 of the best peer's", 1 / 3), 5: ("<= 1/3 of the best peer's", 1 / 3),
+           8: ("<= 0.75 x the best peer's", 0.75), 10: ("<= 0.75 x the best peer's", 0.75),
+           20: ("not worse than the best peer's", None)}
+
+
+def _pm(entry: dict[str, Any]) -> str:
+    se = entry.get("se")
+    return f"{entry['value']:.2f}" + (f" +- {se:.2f}" if se is not None else "")
+
+
+def _interval(d: dict[str, Any]) -> str:
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+
+def _verdict(e: dict[str, Any]) -> str:
+    """The issue's target at this budget, on excess FID and KID, each with its paired interval."""
+    if e["nfe"] not in TARGETS:
+        return "-"
+    text, ratio = TARGETS[e["nfe"]]
+    fid_d, kid_d = e["fid_difference"], e["kid_difference"]
+    if ratio is None:  # not worse: neither interval lies above zero
+        ok = fid_d["lo"] <= 0 and kid_d["lo"] <= 0
+    else:
+        ok = (e["excess_fid_ratio"] <= ratio and e["kid_ratio"] <= ratio and fid_d["hi"] < 0 and kid_d["hi"] < 0)
+    return f"{'**met**' if ok else 'not met'} ({text})"
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """docs/mnist-frontier: the selection table, the held-out headline, grid costs, a plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out, docs = Path(args.out), Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    sets = [read_json_file(p, "record") for p in sorted((out / "sets").glob("*-seed0-n*.json"))]
+    sets = [r for r in sets if r["n"] == args.n]
+    headline = sorted((read_json_file(p, "headline") for p in (out / "headline").glob("nfe*.json")),
+                      key=lambda e: e["nfe"])
+    budgets = sorted({r["nfe"] for r in sets})
+    floor = headline[0]["floor_fid"] if headline else None
+
+    def family(r: dict[str, Any]) -> str:
+        if r["side"] == "ours":
+            return f"truncated, {r['grid']} grid"
+        return "diffusers, T=1" if "diffusers" in r else f"difftime T=1, {r['grid']} grid"
+
+    families = sorted({family(r) for r in sets})
+    best = {(f, B): min((r for r in sets if family(r) == f and r["nfe"] == B), key=lambda r: r["kid"]["value"],
+                        default=None) for f in families for B in budgets}
+    md = ["# The 28x28 frontier: truncation and optimized grids against the best few-step samplers", "",
+          f"Model: `{args.run}` (the `mnist-cpu` preset). Selection on seed 0 with n = {args.n} samples per "
+          "configuration and budget (classifier KID x 1e3 and FD against the MNIST test split, bootstrap se); "
+          "the headline draws each side's selected best again on held-out seeds and scores it by KID, FD and "
+          "Inception FID (first 1000 pooled samples against 1000 test images) beside the real-data floor "
+          f"(1000 training images against the same 1000 test images: FID {floor:.2f})" if floor else "", ""]
+    md += ["## Held-out headline", "",
+           "Per NFE budget: each side's best by KID on seed 0, drawn again on held-out seeds. Excess FID = "
+           "FID - floor; ratios are ours over the peer's; differences (ours - peer) carry paired bootstrap 95% "
+           "intervals (shared resampling counts, sample i of both sides from the same seed).", "",
+           "| NFE | ours | peer | FID ours | FID peer | excess FID ratio | FID difference | KID ours | KID peer "
+           "| KID ratio | KID difference | target |", "|" + "---|" * 12]
+    for e in headline:
+        o, p = e["ours"], e["peer"]
+        md.append(f"| {e['nfe']} | {o['method']} | {p['method']} | {_pm(o['fid'])} | {_pm(p['fid'])} | "
+                  f"{e['excess_fid_ratio']:.3f} | {_interval(e['fid_difference'])} | {_pm(o['kid'])} | "
+                  f"{_pm(p['kid'])} | {e['kid_ratio']:.3f} | {_interval(e['kid_difference'])} | {_verdict(e)} |")
+    md += ["", "## Selection (seed 0): the best configuration of each family by KID", "",
+           "| family | " + " | ".join(f"NFE {B}" for B in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for f in families:
+        cells = []
+        for B in budgets:
+            r = best[f, B]
+            cells.append("-" if r is None else f"{r['kid']['value']:.1f} +- {r['kid']['se']:.1f}"
+                         + (f" ({r['prior']}, T={r['T']:g}, {r['sampler']})" if r["side"] == "ours"
+                            else f" ({r['method'].removeprefix('diffusers ')})" if "diffusers" in r
+                            else f" ({r['sampler']})"))
+        md.append(f"| {f} | " + " | ".join(cells) + " |")
+    grids = [read_json_file(p, "grid") for p in sorted((out / "grids").glob("T*.json"))]
+    teachers = [(p.stem, read_json_file(p, "teacher")) for p in sorted((out / "grids").glob("teacher-*.json"))]
+    md += ["", "## Cost of the grid optimization", "",
+           "gits: one teacher per (T, prior) (n trajectories on fine log-SNR nodes, 3 dpm++2m substeps "
+           "between nodes, network in bf16), shared by every sampler and budget; the dynamic programme per "
+           "grid takes milliseconds. gaussian: model-free, per (T, sampler, NFE), on the training data's "
+           "covariance spectrum. Sampling 200 images at NFE 10 takes a few seconds here, so a gits teacher "
+           "costs about as much as sampling a few thousand images once.", "",
+           "| teacher | n | fine steps | network calls | wall s |", "|---|---|---|---|---|"]
+    md += [f"| {name} | {t['n']} | {t['fine_steps']} | {t['teacher_nfe']} | {t['teacher_wall_s']:.1f} |"
+           for name, t in teachers]
+    gauss = [g for g in grids if g["method"] == "gaussian"]
+    if gauss:
+        md += ["", "| gaussian grid | " + " | ".join(f"NFE {B}" for B in budgets) + " |",
+               "|---|" + "---|" * len(budgets)]
+        for T, sampler in sorted({(g["T"], g["sampler"]) for g in gauss}):
+            walls = {g["nfe"]: g["info"]["wall_s"] for g in gauss if g["T"] == T and g["sampler"] == sampler}
+            md.append(f"| T={T:g}, {sampler} | " + " | ".join(f"{walls[B]:.1f} s" if B in walls else "-"
+                                                            for B in budgets) + " |")
+    md += ["", "![quality against NFE](quality_vs_nfe.png)", ""]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for f in families:
+        xs = [B for B in budgets if best[f, B] is not None]
+        axes[0].plot(xs, [best[f, B]["kid"]["value"] for B in xs], marker="o", label=f)
+    axes[0].set(xscale="log", yscale="symlog", xlabel="NFE", ylabel="classifier KID x 1e3 (seed 0, best of family)")
+    axes[0].legend(fontsize=7)
+    if headline:
+        for side in ("ours", "peer"):
+            axes[1].errorbar([e["nfe"] for e in headline], [e[side]["fid"]["value"] for e in headline],
+                             yerr=[e[side]["fid"].get("se", 0) for e in headline], marker="o", label=side)
+        axes[1].axhline(floor, color="k", ls="--", label="real data (same n)")
+        axes[1].set(xscale="log", yscale="log", xlabel="NFE", ylabel="Inception FID, held-out (1000 vs 1000)")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(docs / "quality_vs_nfe.png", dpi=120)
+    plt.close(fig)
+    for e in headline:
+        for side in ("ours", "peer"):
+            src = out / "headline" / f"nfe{e['nfe']}-{side}.png"
+            if src.is_file():
+                (docs / "grids").mkdir(exist_ok=True)
+                atomic_write_bytes(docs / "grids" / src.name, src.read_bytes())
+    md += ["Sample grids of the headline (64 held-out samples each): `grids/nfe<N>-ours.png`, "
+           "`grids/nfe<N>-peer.png`.", ""]
+    atomic_write_bytes(docs / "report.md", "\n".join(md).encode())
+    atomic_write_bytes(docs / "results.json", json.dumps({"selection": sets, "headline": headline,
+                                                          "grids": grids, "teachers": dict(teachers)}).encode())
+    print(f"wrote {docs / 'report.md'}")
+
+
 def _comma(kind):
     return lambda text: [kind(v) for v in text.split(",")]
 
@@ -292,14 +433,15 @@ def _comma(kind):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("select", cmd_select), ("headline", cmd_headline)):
+    for name, fn in (("select", cmd_select), ("headline", cmd_headline), ("all", cmd_all)):
         q = sub.add_parser(name)
         q.add_argument("--run", default="runs/mnist-cpu")
         q.add_argument("--out", default="runs/mnist-frontier")
-        q.add_argument("--prior", default="flow")
+        q.add_argument("--priors", type=_comma(str), default=["gaussian", "flow"])
+        q.add_argument("--samplers", type=_comma(str), default=["unipc", "ipndm"])
         q.add_argument("--T", type=_comma(float), default=[0.4, 0.6, 0.8])
         q.add_argument("--nfe", type=_comma(int), default=[4, 5, 6, 8, 10, 15, 20])
-        q.add_argument("--n", type=int, default=300, help="samples per method and budget in the selection")
+        q.add_argument("--n", type=int, default=200, help="samples per method and budget in the selection")
         q.add_argument("--seeds", type=_comma(int), default=[1, 2], help="held-out seeds of the headline")
         q.add_argument("--n-headline", type=int, default=500, help="samples per held-out seed")
         q.add_argument("--floor-cache", default="runs/recipe/floor")
@@ -307,6 +449,13 @@ def main() -> None:
         q.add_argument("--fine-steps", type=int, default=48, help="gits: nodes of the teacher grid")
         q.add_argument("--threads", type=int, default=0)
         q.set_defaults(func=fn)
+    q = sub.add_parser("report")
+    q.add_argument("--run", default="runs/mnist-cpu")
+    q.add_argument("--out", default="runs/mnist-frontier")
+    q.add_argument("--docs", default="docs/mnist-frontier")
+    q.add_argument("--n", type=int, default=200)
+    q.add_argument("--threads", type=int, default=0)
+    q.set_defaults(func=cmd_report)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
