@@ -382,8 +382,7 @@ def cmd_report(args: argparse.Namespace) -> None:
            "gits: one teacher per (T, prior) (n trajectories on fine log-SNR nodes, 3 dpm++2m substeps "
            "between nodes, network in bf16), shared by every sampler and budget; the dynamic programme per "
            "grid takes milliseconds. gaussian: model-free, per (T, sampler, NFE), on the training data's "
-           "covariance spectrum. Sampling 200 images at NFE 10 takes a few seconds here, so a gits teacher "
-           "costs about as much as sampling a few thousand images once.", "",
+           "covariance spectrum.", "",
            "| teacher | n | fine steps | network calls | wall s |", "|---|---|---|---|---|"]
     md += [f"| {name} | {t['n']} | {t['fine_steps']} | {t['teacher_nfe']} | {t['teacher_wall_s']:.1f} |"
            for name, t in teachers]
