@@ -86,8 +86,26 @@ def test_pfode_subset_and_headline_fid(digits_study):
             assert d["mean"] == pytest.approx(row["best"]["fid"] - ref["fid"], rel=1e-9)
             assert d["lo"] < d["mean"] < d["hi"]
     assert head["work_s"] > 0
+    # Fresh draws: the headline's seed is not the selection's, so its samples are not the ones that won.
+    assert head["seed"] != head["selection_seed"] == r["config"]["seed"]
+    from difftime.study.runner import headline_seed
+
+    assert head["seed"] == headline_seed(r["config"]["seed"])
+    for row in head["rows"]:
+        for side in ("best", "reference"):
+            c = row.get(side)
+            if c:
+                assert math.isfinite(c["kid"]) and c["kid_se"] > 0 and "selection_kid" in c
+        if row.get("best"):
+            assert row["kid_difference"]["lo"] < row["kid_difference"]["mean"] < row["kid_difference"]["hi"]
+    row = head["rows"][0]["reference"]
+    cell = next(c for c in r["cells"] if c["T"] == 1.0 and c["prior"] == "standard")
+    same = next(s for s in cell["sampling"] if s["sampler"] == row["sampler"] and s["steps"] == row["steps"]
+                and s["spacing"] == row["spacing"])
+    assert row["selection_kid"] == same["quality"]["kid"]["value"] != row["kid"]
     report = (digits_study / "report.md").read_text()
     assert "## Inception FID of the headline configurations" in report
+    assert "held-out seed" in report
     # The stage totals: the training, likelihood and sampling rows and a total that is their sum.
     table = report.split("## Wall time per stage (seconds)")[1].split("Per cell:")[0]
     stages = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()

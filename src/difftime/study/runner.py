@@ -24,6 +24,7 @@ from difftime.metrics import quality_metrics
 from difftime.plots import save_samples_figure
 from difftime.priors import fit_run_prior, prior_dir
 from difftime.provenance import versions
+from difftime.rng import stream_seed
 from difftime.run import LOCK_FILE, load_run
 from difftime.sampling import default_spacing, steps_for_horizon
 from difftime.study.analysis import paired_likelihood, primary_metric, quality_difference, quality_frontier
@@ -41,6 +42,14 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
         return [k for key in sorted(set(old) | set(new))
                 for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+HEADLINE_STREAM = 7  # difftime.rng stream of the headline's held-out draws
+
+
+def headline_seed(seed: int) -> int:
+    """The seed of the headline's fresh draws: a stream of the study's seed that no selection uses."""
+    return stream_seed(seed, HEADLINE_STREAM)
 
 
 def _fid_name(c: dict[str, Any]) -> str:
@@ -302,13 +311,16 @@ class Study:
     def _fid_headline(self, cells: list[dict[str, Any]], runs: dict[float, Any], priors: dict[float, dict[str, Any]],
                       dataset, T_ref: float) -> dict[str, Any] | None:
         """Inception FID of the headline configurations: at each NFE budget of the quality frontier,
-        its best truncated configuration and the T_ref standard one. Their samples are drawn again
-        from the same seed (the same images the classifier metrics scored); the first
-        ``study.fid_headline`` of them are scored against as many reference images, with bootstrap
-        replicates that share counts, so best - reference gets a paired interval. Each configuration
-        is cached in ``fid/``. Inception is slow on a CPU (docs/design.md §9), hence only these."""
+        its best truncated configuration and the T_ref standard one. Both are selected on the study's
+        seed, so their samples are drawn again from a held-out seed (``headline_seed``, the same for
+        both sides): scores of fresh draws, without the winner's curse of the selection. The
+        ``study.fid_headline`` samples are scored by Inception FID against as many reference images
+        and by the selection metric, with bootstrap replicates that share counts, so best - reference
+        gets a paired interval. Each configuration is cached in ``fid/``. Inception is slow on a CPU
+        (docs/design.md §9), hence only these."""
         s = self.settings
         n = min(s["fid_headline"], s["n_samples"])
+        held_out = headline_seed(self.config["seed"])
         # Each Inception FD replicate is an SVD of an n x n matrix, hence the cap (docs/design.md §9).
         boot = min(s["bootstrap"], FID_BOOTSTRAP)
         metric = primary_metric(cells)
@@ -329,36 +341,46 @@ class Study:
                 if name not in scored:
                     path = self.out / "fid" / f"{name}.json"
                     saved = read_json_file(path, "FID record") if path.is_file() else None
-                    if saved is not None and saved.get("n") == n and len(saved["fid"].get("replicates", [])) == boot:
+                    if (saved is not None and saved.get("n") == n and saved.get("seed") == held_out
+                            and len(saved["fid"].get("replicates", [])) == boot and metric in saved):
                         scored[name] = saved
-                    else:  # new, or scored at another study.fid_headline / bootstrap
+                    else:  # new, or scored at another study.fid_headline / bootstrap / seed
                         grid_options = ({"ts": TimeGrid.load(self.out / c["grid_file"]).ts} if c.get("grid_file")
                                         else options)
                         samples, nfe, wall = draw_samples(runs[c["T"]], priors[c["T"]][c["prior"]], c["T"],
-                                                          c["sampler"], c["steps"], s["n_samples"],
-                                                          seed=self.config["seed"], eps=s["sample_eps"],
-                                                          precision=s["sample_precision"], **grid_options)
+                                                          c["sampler"], c["steps"], n, seed=held_out,
+                                                          eps=s["sample_eps"], precision=s["sample_precision"],
+                                                          **grid_options)
                         t0 = time.perf_counter()
-                        fid = quality_metrics(samples[:n], dataset.name, ("fid",), n_reference=n,
+                        fid = quality_metrics(samples, dataset.name, ("fid",), n_reference=n,
                                               reference_split=self._splits(dataset)[0], seed=self.config["seed"],
                                               progress=self.progress, bootstrap=boot)["fid"]
+                        held_out_metric = quality_metrics(samples, dataset.name, (metric,),
+                                                          reference_split=self._splits(dataset)[0],
+                                                          seed=self.config["seed"], progress=False,
+                                                          bootstrap=s["bootstrap"])[metric]
                         grid = f"fid/{name}.png"
                         save_samples_figure(samples[: s["grid_images"]], self.out / grid,
                                             title=f"T={c['T']:g}, {c['prior']} prior, {c['sampler']}, NFE={nfe}")
                         scored[name] = {"configuration": {k: c.get(k) for k in ("T", "prior", "sampler", "steps", "nfe",
                                                                                 "spacing", "grid_file")},
-                                        "nfe": nfe, "n": n, "fid": fid, "sample_wall_s": wall,
+                                        "nfe": nfe, "n": n, "seed": held_out, "fid": fid, metric: held_out_metric,
+                                        "sample_wall_s": wall,
                                         "fid_wall_s": time.perf_counter() - t0, "grid": grid}
                         save_json(path, scored[name])
-                fid = scored[name]["fid"]
+                fid, fresh = scored[name]["fid"], scored[name][metric]
                 row[side] = {**scored[name]["configuration"], "fid": fid["value"], "fid_se": fid.get("se"),
-                             metric: c["value"], "grid": scored[name]["grid"]}
+                             f"selection_{metric}": c["value"], metric: fresh["value"],
+                             f"{metric}_se": fresh.get("se"), "grid": scored[name]["grid"]}
             if "best" in row and "reference" in row:
-                diff = quality_difference(scored[_fid_name(row["best"])]["fid"],
-                                          scored[_fid_name(row["reference"])]["fid"], "fid")
-                row["difference"] = None if diff is None else {**diff.to_dict(), "resolved": diff.resolved}
+                for key in ("fid", metric):
+                    diff = quality_difference(scored[_fid_name(row["best"])][key],
+                                              scored[_fid_name(row["reference"])][key], key)
+                    row["difference" if key == "fid" else f"{metric}_difference"] = (
+                        None if diff is None else {**diff.to_dict(), "resolved": diff.resolved})
             rows.append(row)
         return {"rows": rows, "reference_split": self._splits(dataset)[0], "n_samples": n, "n_reference": n,
+                "seed": held_out, "selection_seed": self.config["seed"], "metric": metric,
                 "bootstrap": boot, "work_s": sum(r["sample_wall_s"] + r["fid_wall_s"] for r in scored.values()),
                 "wall_s": time.perf_counter() - start}
 
