@@ -375,7 +375,7 @@ CASES = {
         "unknown spacing 'cosine'; choose from time, logsnr, quadratic, karras",
     ),
     "cli: unknown sampler for the quality metrics": Case(
-        "evaluate {run} --metrics swd --sampler unipc --out {ws}/good.json", "unknown sampler 'unipc'; choose from"
+        "evaluate {run} --metrics swd --sampler unipc3 --out {ws}/good.json", "unknown sampler 'unipc3'; choose from"
     ),
     "cli: --nfe without --study": Case("sample {run} --nfe 10 --out {ws}/good.npz", "--nfe N and --study DIR"),
     "cli: --study without frontier.json": Case(

@@ -167,7 +167,7 @@ def test_fit_prior_sample_and_evaluate(tmp_path, trained_run, capsys):
          "unknown sampler 'ddim2'; choose from em, pc, euler, heun, dopri5, ddim, dpm++2m, dpm++3m, dpm++2m-sde"),
         (["sample", "{run}", "--spacing", "cosine", "--out", "{tmp}/s.npz"],
          "unknown spacing 'cosine'; choose from time, logsnr, quadratic, karras"),
-        (["evaluate", "{run}", "--metrics", "fd", "--sampler", "unipc"], "unknown sampler 'unipc'; choose from em"),
+        (["evaluate", "{run}", "--metrics", "fd", "--sampler", "unipc3"], "unknown sampler 'unipc3'; choose from em"),
         (["sample", "{run}", "--nfe", "10", "--out", "{tmp}/s.npz"], "--nfe N and --study DIR go together"),
         (["evaluate", "{run}", "--metrics", "elbo,bogus"], "unknown"),
         (["evaluate", "{run}", "--out", "{tmp}/r.txt"], "must end in .json"),

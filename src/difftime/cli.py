@@ -150,11 +150,11 @@ def _horizon(run, T: float | None) -> tuple[float, float]:
 def cmd_fit_prior(args: argparse.Namespace) -> int:
     from difftime.distributed import session
 
-    with session("cpu"):  # under torchrun: gradients averaged across ranks, rank 0 saves
-        return _fit_prior(args)
+    with session(args.device) as device:  # under torchrun: gradients averaged across ranks, rank 0 saves
+        return _fit_prior(args, device)
 
 
-def _fit_prior(args: argparse.Namespace) -> int:
+def _fit_prior(args: argparse.Namespace, device: str) -> int:
     from difftime.data import load_data
     from difftime.distributed import is_main
     from difftime.priors import fit_run_prior, prior_dir
@@ -181,7 +181,7 @@ def _fit_prior(args: argparse.Namespace) -> int:
     # A killed fit-prior, rerun with the same arguments, resumes.
     _, fit = fit_run_prior(run.path, run.sde, run.shape, args.prior, T, dataset, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress,
-                           fit_options=fit_options, **options)
+                           fit_options=fit_options, device=device, **options)
     if is_main():
         print(json.dumps({"prior": str(directory), "family": args.prior, "T": T, "test_nll_nats": fit["test_nll"],
                           "gain_over_start_nats": fit["gain"], "steps": fit["steps"], "best_step": fit["best_step"],
@@ -262,7 +262,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DifftimeError("--nfe N and --study DIR go together: sample with the study's best configuration "
                             "for N network calls")
     _check_sampler_flags(args)
-    run = load_run(args.run, weights=args.weights)
+    run = load_run(args.run, weights=args.weights, device=args.device)
     choice = None
     if args.ts is not None:
         T, family, sampler, steps, eps, options, spacing = _grid_file_choice(args, run)
@@ -348,7 +348,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise DifftimeError(f"--out must end in .json, got {out}")
     _check_headroom_families(args.headroom)
     _check_sampler_flags(args)
-    run = load_run(args.run, weights=args.weights)
+    run = load_run(args.run, weights=args.weights, device=args.device)
     T, eps = _horizon(run, args.T)
     prior = resolve_prior(run, args.prior, T)
     # Every prior the headroom needs is loaded now, so a missing fit fails before the likelihood work.
@@ -437,9 +437,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         overrides["seed"] = args.seed
     if args.run is not None and args.steps is not None:
         raise DifftimeError("--steps sets training steps, but --run uses a trained model; drop one of them")
+    from difftime.distributed import resolve_device
+
+    device = str(resolve_device(args.device))  # a bad --device fails before the study starts
     config = study_config(args.preset, args.config, overrides, run=args.run)
     start = time.perf_counter()
-    study = Study(args.out, config, run=args.run, device=args.device, progress=not args.no_progress)
+    study = Study(args.out, config, run=args.run, device=device, progress=not args.no_progress)
     summary = study.run()
     print(json.dumps({"study": str(study.out), "report": str(study.out / "report.md"), "cells": summary["n_cells"],
                       "wall_s": round(time.perf_counter() - start, 1)}))
@@ -448,6 +451,13 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def _comma_list_or_none(text: str) -> list[str]:
     return [] if text.strip().lower() == "none" else _comma_list(str)(text)
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """--device, read by difftime.distributed.resolve_device when the command runs (torch stays unimported
+    while parsing)."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU, else cpu), cpu, cuda or "
+                   "cuda:K (default auto); a seed gives the same samples on every device up to float error")
 
 
 def _sampler_arguments(p: argparse.ArgumentParser, purpose: str = "") -> None:
@@ -485,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonnegative_int)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -509,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=_positive_float, help="stop at the first evaluation after this many seconds")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing prior of this family and T")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fit_prior)
 
@@ -531,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--out", required=True, help="output .npz (samples in data space)")
     p.add_argument("--grid", help="also write a PNG grid (images) or scatter plot (2-D data)")
+    add_device_argument(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="ELBO terms and PF-ODE likelihood in bits/dim at a horizon T")
@@ -556,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--out", help="write the full result as JSON here")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -587,11 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-steps", type=_positive_int, help="optimizer steps to fit each auxiliary prior")
     p.add_argument("--fid", action="store_true", help="also compute Inception FID (slow on CPU)")
     p.add_argument("--seed", type=_nonnegative_int)
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_study)
 
-    add_grid_parser(sub, _positive_float, _positive_int, _nonnegative_int)
+    add_grid_parser(sub, _positive_float, _positive_int, _nonnegative_int, add_device_argument)
 
     p = sub.add_parser("import", help="wrap a pretrained DDPM (diffusers:DIR) as a run directory, for every command")
     p.add_argument("source", help="diffusers:DIR, a local UNet2DModel + linear-beta DDPM scheduler (no hub access)")

@@ -11,7 +11,8 @@ from typing import Any
 from difftime.errors import DifftimeError
 
 
-def add_grid_parser(sub: Any, positive_float: Any, positive_int: Any, nonnegative_int: Any) -> None:
+def add_grid_parser(sub: Any, positive_float: Any, positive_int: Any, nonnegative_int: Any,
+                    add_device_argument: Any) -> None:
     from difftime.gridopt import CALLS_PER_STEP, GRID_METHODS
 
     p = sub.add_parser("grid", help="optimize a sampler's time grid for a start T, a prior and an NFE budget")
@@ -30,6 +31,7 @@ def add_grid_parser(sub: Any, positive_float: Any, positive_int: Any, nonnegativ
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--out", required=True, help="new grid file (.json)")
+    add_device_argument(p)
     p.set_defaults(func=cmd_grid)
 
 
@@ -44,7 +46,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     if out.exists():
         raise DifftimeError(f"{out} exists; choose another --out (a grid file is never overwritten)")
     steps_for_nfe(args.sampler, args.nfe, not args.no_denoise)  # bad budgets fail before the run loads
-    run = load_run(args.run, weights=args.weights)
+    run = load_run(args.run, weights=args.weights, device=args.device)
     T, _ = run.sde.check_horizon(args.T if args.T is not None else run.T_train)
     prior = resolve_prior(run, args.prior, T)
     options = {"n": args.n, "fine_steps": args.fine_steps} if args.method == "gits" else {}

@@ -1,4 +1,5 @@
-"""Multi-process training on torch.distributed: one process per device, launched by torchrun.
+"""Devices and processes: what ``--device`` / ``device=`` means (:func:`resolve_device`), and
+multi-process training on torch.distributed, one process per device, launched by torchrun.
 
 A process is part of a group when torchrun's environment (WORLD_SIZE > 1, RANK, LOCAL_RANK)
 says so; :func:`session` joins it with gloo on CPU and nccl on CUDA. Every rank computes the
@@ -21,6 +22,59 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from difftime.errors import DifftimeError
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:K"
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The torch device that ``--device NAME`` and every ``device=`` of the library mean: the one place
+    that reads a device name, so every command and function accepts the same names.
+
+    "auto" is CUDA when this torch sees a GPU, else the CPU; "cpu"; "cuda" (the current CUDA device)
+    or "cuda:K". Any other name, and a CUDA device that this process cannot see, is one DifftimeError
+    line that names the fix, before any work starts.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("auto") == (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+    ...                            else torch.device("cpu"))
+    True
+    >>> resolve_device("gpu")
+    Traceback (most recent call last):
+    ...
+    difftime.errors.DifftimeError: unknown device 'gpu'; expected auto, cpu, cuda or cuda:K (e.g. --device cuda:0)
+    """
+    text = str(name).strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise DifftimeError(f"unknown device {str(name)!r}; expected {DEVICE_CHOICES} (e.g. --device cuda:0)")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = "this process sees no CUDA GPU" + (f" (torch {torch.__version__} is a CPU-only build)"
+                                                  if torch.version.cuda is None else "")
+        raise DifftimeError(f"device {str(name)!r}: {why}; use --device cpu (or auto), or run on a machine with an "
+                            "NVIDIA GPU and a CUDA build of torch")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise DifftimeError(f"device {str(name)!r}: this process sees {count} CUDA GPU(s), cuda:0 to "
+                            f"cuda:{count - 1}; choose one of them (CUDA_VISIBLE_DEVICES renumbers them)")
+    return torch.device("cuda", index)
+
+
+def module_device(module: Any, default: str | torch.device = "cpu") -> torch.device:
+    """The device of a module's first parameter or buffer: where its inputs must go. ``default`` for
+    anything that holds no tensor (a plain function as eps-network, the standard prior)."""
+    if isinstance(module, torch.nn.Module):
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+    return torch.device(default)
+
 
 def launched() -> bool:
     """Whether torchrun started this process as one of several."""
@@ -29,23 +83,23 @@ def launched() -> bool:
 
 @contextmanager
 def session(device: str = "cpu") -> Iterator[str]:
-    """Join torchrun's process group for the duration; yields this rank's device.
+    """Join torchrun's process group for the duration; yields this rank's device, as a string.
 
-    On CUDA each rank takes the GPU of its LOCAL_RANK. Outside torchrun, or when the group is
-    already initialised (by the caller), it yields ``device`` and does nothing else.
+    ``device`` is any name :func:`resolve_device` reads ("auto" included). On CUDA each rank takes
+    the GPU of its LOCAL_RANK and the group talks over nccl; on the CPU over gloo. Outside torchrun,
+    or when the group is already initialised (by the caller), it yields the resolved device and
+    does nothing else.
     """
+    dev = resolve_device(device)
     if not launched() or dist.is_initialized():
-        yield device
+        yield str(dev)
         return
-    dev = torch.device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dev = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         torch.cuda.set_device(dev)
         backend = "nccl"
-    elif dev.type == "cpu":
-        backend = "gloo"
     else:
-        raise DifftimeError(f"multi-process training runs on cpu or cuda devices, got --device {device}")
+        backend = "gloo"
     dist.init_process_group(backend)
     try:
         yield str(dev)

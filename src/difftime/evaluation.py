@@ -39,7 +39,8 @@ SAMPLE_PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_prior(run: Run, family: str, T: float) -> Prior:
-    """The run's prior of ``family`` at T: built for ``standard``, loaded from priors/ otherwise."""
+    """The run's prior of ``family`` at T: built for ``standard``, loaded from priors/ otherwise, on
+    the run's device (``run.device``)."""
     T, _ = run.sde.check_horizon(T)
     if family == "standard":
         return StandardPrior.for_sde(run.sde, T, run.shape)
@@ -53,8 +54,7 @@ def resolve_prior(run: Run, family: str, T: float) -> Prior:
     if not math.isclose(prior.T, T, rel_tol=1e-9) or tuple(prior.shape) != tuple(run.shape):
         raise DifftimeError(f"{directory} holds a prior for T={prior.T:g}, shape {prior.shape}; "
                             f"expected T={T:g}, shape {run.shape}")
-    prior.eval()
-    return prior
+    return prior.to(run.device).eval()
 
 
 class DrawnSamples(NamedTuple):
@@ -89,7 +89,9 @@ def draw_samples(
     Returns ``DrawnSamples(x, nfe, wall_s)``: the samples, the NFE per sample and the wall seconds.
     One generator drives the prior draw and every sampler batch, so a seed fixes the samples
     whatever the batch size. ``precision`` "bf16" runs the network under bfloat16 autocast (faster per
-    call on CPU, docs/design.md §5); the sampler's own arithmetic stays in float32.
+    call on CPU, docs/design.md §5); the sampler's own arithmetic stays in float32. The sampler runs on
+    ``run.device`` with the prior's draw and the noise from a CPU generator (difftime.rng's rule), so a
+    seed gives the same samples on every device up to float error.
     """
     if precision not in SAMPLE_PRECISIONS:
         raise DifftimeError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}, got {precision!r}")
@@ -101,7 +103,7 @@ def draw_samples(
     x0, nfe = sample(model, run.sde, _Shaped(prior, run.shape), T, n=n, eps=eps, sampler=sampler, steps=steps,
                      generator=generator, batch=batch, **options)
     wall = time.perf_counter() - start
-    return DrawnSamples(run.scaler.decode(x0).numpy(), nfe, wall)
+    return DrawnSamples(run.scaler.decode(x0.cpu()).numpy(), nfe, wall)
 
 
 class _BF16Network(torch.nn.Module):
@@ -213,7 +215,9 @@ def likelihood_across_T(
     "inverse_cdf" for a run per T (its draws at T do not depend on the rest of the grid).
 
     The improvement of a prior nu over the standard one, E log nu(x_T) - E log N(x_T) on shared
-    draws, equals KL(p_T||N) - KL(p_T||nu): a measured lower bound on KL(p_T||N).
+    draws, equals KL(p_T||N) - KL(p_T||nu): a measured lower bound on KL(p_T||N). Each run computes
+    on its own device (``run.device``, with ``priors`` there too: ``resolve_prior``); every draw
+    comes from a CPU generator (difftime.rng's rule) and the per-example figures come back to the CPU.
 
     ``n_nll`` (default: all) solves the PF-ODE for the first ``n_nll`` examples only: the ELBO
     costs a few network calls per example, the PF-ODE hundreds of forward+VJP calls.
@@ -259,7 +263,8 @@ def likelihood_across_T(
             x_nll = x[: n_nll - start]
             for grid, run in solves:
                 ode_gen.set_state(probes)  # the same Hutchinson probes for every solve
-                x_T, integral, nfe = ode_flow(run.model, sde, x_nll, list(grid) if len(grid) > 1 else grid[0],
+                x_T, integral, nfe = ode_flow(run.model, sde, x_nll.to(run.device),
+                                              list(grid) if len(grid) > 1 else grid[0],
                                               eps=eps, rtol=rtol, atol=atol, divergence=divergence,
                                               generator=ode_gen)
                 if len(grid) == 1:
@@ -268,7 +273,8 @@ def likelihood_across_T(
                 with torch.no_grad():
                     for k, T in enumerate(grid):
                         for p in names:
-                            per[T, p]["nll"].append(priors[T][p].log_prob(x_T[k]).double() + integral[k].double())
+                            per[T, p]["nll"].append((priors[T][p].log_prob(x_T[k]).double()
+                                                     + integral[k].double()).cpu())
     nfe_mean = sum(nfes) / len(nfes) if nfes else math.nan
     summaries = {T: {p: _likelihood_summary(per[T, p], [nfe_mean], p, metrics, T, eps, n, n_nll, repeats, d,
                                             levels, a,
@@ -298,22 +304,23 @@ def _elbo_batch(runs: Mapping[float, Run], Ts: tuple[float, ...], priors: Mappin
     end = None
     for grid, run in groups:
         generator.set_state(start)  # every group (a network per T) starts from the same draws
+        x_run = x.to(run.device)
         with torch.no_grad():
-            base = elbo_across_T(run.model, sde, x, {T: standard[T] for T in grid}, grid, eps=eps, n_t=draws_t,
+            base = elbo_across_T(run.model, sde, x_run, {T: standard[T] for T in grid}, grid, eps=eps, n_t=draws_t,
                                  n_prior=n_prior, generator=generator, design=design)
         end = generator.get_state()
         for p in names:
             generator.set_state(start)
             terms = base if p == "standard" else base.with_prior(
-                prior_draws_across_T(sde, x, {T: priors[T][p] for T in grid}, grid, n_prior=n_prior,
+                prior_draws_across_T(sde, x_run, {T: priors[T][p] for T in grid}, grid, n_prior=n_prior,
                                      generator=generator))
             for k, T in enumerate(grid):
                 cell = per[T, p]
                 for key, value in (("elbo", terms.total[k]), ("prior", terms.prior[k]), ("score", terms.score[k]),
                                    ("constant", terms.constant[k])):
-                    cell[key].append(value)
+                    cell[key].append(value.cpu())
                 if p != "standard":
-                    cell["improvement"].append(terms.prior[k] - base.prior[k])
+                    cell["improvement"].append((terms.prior[k] - base.prior[k]).cpu())
     generator.set_state(end)
 
 

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from difftime.distributed import module_device
 from difftime.errors import DifftimeError
 from difftime.grids import check_grid, timesteps
 from difftime.io import atomic_write_bytes, read_json_file
@@ -287,6 +288,7 @@ def gits_teacher(
     dense = timesteps(sde, T, eps, fine_steps * substeps, "logsnr")
     nodes = dense[::substeps]
     x_T = prior.sample(n, generator=generator)
+    x_T = x_T.to(module_device(model, x_T.device))  # on the model's device
     xs, eps_hats = [], []
     for first in range(0, n, batch):
         recorder = _NodeRecorder(model, substeps)
@@ -294,7 +296,7 @@ def gits_teacher(
         dpmpp_2m(recorder, sde, x_T[first:first + batch], dense, lower_order_final=False)
         xs.append(torch.stack(recorder.xs, 1))
         eps_hats.append(torch.stack(recorder.eps_hats, 1))
-    x, e = torch.cat(xs), torch.cat(eps_hats)  # (n, M + 1, d), float64
+    x, e = torch.cat(xs).cpu(), torch.cat(eps_hats).cpu()  # (n, M + 1, d), float64, with the nodes on the CPU
     lam, m, sigma = sde.log_snr(nodes), sde.m(nodes), sde.sigma(nodes)
     x0 = ((x - sigma[None, :, None] * e) / m[None, :, None]).float()
     cost = _step_costs(x.float(), x0, lam, m, sigma, cost_order)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from difftime.distributed import module_device
 from difftime.errors import DifftimeError
 from difftime.likelihood import full_precision, ode_log_likelihood
 from difftime.ode import resolve_divergence
@@ -118,10 +119,10 @@ def prior_headroom(
     if not isinstance(x_T, Tensor) or x_T.dim() < 2 or len(x_T) < 2:
         raise DifftimeError(f"prior_headroom: x_T must be a batch of at least 2 examples, got "
                             f"{tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__}")
-    x_T = x_T.float()
+    x_T = x_T.float().to(module_device(model, x_T.device))  # the priors must live on the model's device too
     d = x_T[0].numel()
     start = time.perf_counter()
-    gen = torch.Generator(device=x_T.device).manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(seed))  # a CPU stream: the same probes on every device
     log_model, nfe = model_marginal_log_prob(model, sde, x_T, T, rtol=rtol, atol=atol, divergence=divergence,
                                              n_probes=n_probes, batch=batch, generator=gen)
     wall = time.perf_counter() - start

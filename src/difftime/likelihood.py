@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from difftime.errors import DifftimeError
 from difftime.ode import DIVERGENCES, ERROR_CONTROLS, ODE_METHODS, ODEOptions, resolve_divergence, solve_rk
+from difftime.rng import rand_on, randint_on, randn_on
 from difftime.sde import SDE
 from difftime.stats import Difference, paired_difference, row_standard_errors
 
@@ -90,8 +91,8 @@ class ElboTerms:
 
 def _normal_draws(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor, chunk: int) -> Tensor:
     """Standard normals of ``shape``, drawn ``chunk`` rows at a time (the stream ``elbo`` has always used)."""
-    return torch.cat([torch.randn((min(chunk, shape[0] - start), *shape[1:]), generator=generator,
-                                  dtype=like.dtype, device=like.device)
+    return torch.cat([randn_on((min(chunk, shape[0] - start), *shape[1:]), generator, dtype=like.dtype,
+                               device=like.device)
                       for start in range(0, shape[0], chunk)])
 
 
@@ -187,7 +188,7 @@ def elbo(
     prior_draws = _log_prior_draws(sde, prior, x, T, z_prior, chunk)
 
     # Score term, importance-sampled in t.
-    u = torch.rand(B * n_t, generator=generator, dtype=torch.float64, device=x.device)
+    u = rand_on(B * n_t, generator, dtype=torch.float64, device=x.device)
     t = sde.importance_sample_t(u, T, eps).to(x.dtype)
     score_draws = 0.5 * Z * _score_excess(model, sde, x, t, chunk, generator=generator)
 
@@ -314,7 +315,7 @@ def elbo_across_T(
     # The common random numbers, one set per example; the x_T noise comes first (prior_draws_across_T).
     prior_draws = prior_draws_across_T(sde, x, priors, grid, n_prior=n_prior, chunk=chunk, generator=generator)
     strata = torch.arange(n_t, dtype=torch.float64, device=x.device).repeat(B)
-    u = (strata + torch.rand(B * n_t, generator=generator, dtype=torch.float64, device=x.device)) / n_t
+    u = (strata + rand_on(B * n_t, generator, dtype=torch.float64, device=x.device)) / n_t
     z = _normal_draws((B * n_t, *x.shape[1:]), generator, x, chunk)
 
     Zs = [sde.importance_Z(T, eps) for T in grid]
@@ -557,9 +558,9 @@ def ode_flow(
             raise DifftimeError(f"n_probes must be at least 1, got {n_probes}")
         probe_shape = x.shape if n_probes == 1 else (n_probes, *x.shape)
         if noise == "rademacher":
-            probes = torch.randint(0, 2, probe_shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+            probes = randint_on(2, probe_shape, generator, device=x.device).to(x.dtype) * 2 - 1
         elif noise == "gaussian":
-            probes = torch.randn(probe_shape, generator=generator, dtype=x.dtype, device=x.device)
+            probes = randn_on(probe_shape, generator, dtype=x.dtype, device=x.device)
         else:
             raise DifftimeError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
     var = _Variable(sde, variable)

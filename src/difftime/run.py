@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from difftime.distributed import module_device, resolve_device
 from difftime.errors import DifftimeError
 from difftime.io import (
     atomic_write_bytes,
@@ -183,6 +185,11 @@ class Run:
     step: int
 
     @property
+    def device(self) -> torch.device:
+        """Where the model lives: sampling and the likelihoods of this run compute there."""
+        return module_device(self.model)
+
+    @property
     def T_train(self) -> float:
         """The training horizon: the network is trained on [eps, T_train]."""
         return float(self.config["config"]["train"]["T"])
@@ -205,13 +212,18 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
     return read_json_file(path / CONFIG_FILE, "run config")
 
 
-def load_run(path: str | Path, weights: str = "ema") -> Run:
+def load_run(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> Run:
     """Rebuild the SDE, the network (``weights`` = "ema" or "model") and the scaler of a run.
 
     ``path`` is a run directory written by ``train_run`` (or ``difftime train`` / ``import``). Returns
     a :class:`Run` whose ``model`` holds the newest complete checkpoint's weights, in eval mode, with
     ``sde``, ``scaler``, ``shape``, ``step`` and the saved ``config``. A missing, malformed or
     corrupt run raises DifftimeError. The format is docs/design.md §8.
+
+    The model is placed on ``device`` ("auto", "cpu", "cuda", "cuda:K":
+    ``difftime.distributed.resolve_device``), and ``run.device`` says where it is. Weights are read
+    to the CPU and then moved, so a run written on one device loads on any other; the scaler holds
+    no tensors.
 
     >>> import tempfile, torch
     >>> import difftime as dt
@@ -225,10 +237,13 @@ def load_run(path: str | Path, weights: str = "ema") -> Run:
     (VPSDE(b0=0.1, b1=20.0, T_max=1.0, eps=1e-05), (2,), 5, 1.0)
     >>> tuple(run.model(torch.zeros(3, 2), torch.full((3,), 0.5)).shape)   # model(x, t) -> eps_hat
     (3, 2)
+    >>> run.device
+    device(type='cpu')
     """
     path = Path(path)
     if weights not in ("ema", "model"):
         raise DifftimeError(f"weights must be 'ema' or 'model', got {weights!r}")
+    target = resolve_device(device)  # a bad name fails before anything is read
     config = read_run_config(path)
     try:
         resolved = config["resolved"]
@@ -244,6 +259,6 @@ def load_run(path: str | Path, weights: str = "ema") -> Run:
     state = read_checked_json(source / STATE_FILE, "checkpoint state") if source is not None else {}
     file = (source or path) / f"{weights}.safetensors"
     load_state_dict_strict(model, load_tensors(file, state.get("sha256", {}).get(file.name)), file)
-    model.eval()
+    model.to(target).eval()
     return Run(path=path, config=config, sde=sde, model=model, scaler=scaler, shape=shape,
                step=int(state.get("step", 0)))

@@ -7,7 +7,9 @@ Every sampler in ``SAMPLERS`` has one calling convention (docs/design.md §5), a
 ``x`` is the start x_T (drawn from whatever prior the caller chose) and ``ts`` the strictly
 decreasing float64 time grid T = t_0 > t_1 > ... > t_N = eps that the sampler integrates on (a 1-D
 tensor or sequence, :func:`check_grid`; build one with :func:`timesteps`). ``generator`` drives the
-noise of ``em``, ``pc`` and ``dpm++2m-sde``; the deterministic samplers ignore it. With
+noise of ``em``, ``pc`` and ``dpm++2m-sde``; the deterministic samplers ignore it. The noise is drawn
+on the generator's device and moved to x's (:mod:`difftime.rng`), so a CPU generator's seed gives
+the same samples on a GPU up to float error. With
 ``denoise=True`` the run ends with Tweedie's step at eps, x0 = (x_eps - sigma(eps) eps_hat) / m(eps);
 otherwise it returns x_eps. The result is a :class:`SampleResult` (it unpacks as ``x, nfe``), and
 ``nfe`` is the exact number of network calls, the Tweedie call included. ``dopri5`` chooses its own
@@ -120,6 +122,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from difftime.distributed import module_device, resolve_device
 from difftime.errors import DifftimeError
 from difftime.grids import (  # noqa: F401  (re-exported: the grids belong to sampling's API)
     SPACINGS,
@@ -130,6 +133,7 @@ from difftime.grids import (  # noqa: F401  (re-exported: the grids belong to sa
     time_grid,
     timesteps,
 )
+from difftime.rng import randn_like_on
 from difftime.sde import SDE, broadcast_to
 from difftime.unipc import unipc_steps
 
@@ -192,8 +196,7 @@ def euler_maruyama(
         g2 = broadcast_to(sde.g2(t), x)
         score_term = g2 * eps_hat / broadcast_to(sde.sigma(t), x)  # = -g^2 s
         x = x - (sde.drift(x, t) + score_term) * dt
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x = x + (g2 * dt).sqrt() * noise
+        x = x + (g2 * dt).sqrt() * randn_like_on(x, generator)
     return _finish(model, sde, x, eps, steps, denoise)
 
 
@@ -284,7 +287,7 @@ def predictor_corrector(
         return -model(x, t).to(x.dtype) / broadcast_to(sde.sigma(t), x)
 
     def randn() -> Tensor:
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return randn_like_on(x, generator)
 
     for i in range(steps):
         t = ts[i].expand(len(x))
@@ -378,8 +381,7 @@ def _dpm_solver_pp(
             x = x * (sigma[i + 1] / sigma[i] * math.exp(-h)) + D0 * (m[i + 1] * e2h)
             if D1 is not None:
                 x = x + D1 * (0.5 * m[i + 1] * e2h)
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = x + noise * (sigma[i + 1] * math.sqrt(e2h))
+            x = x + randn_like_on(x, generator) * (sigma[i + 1] * math.sqrt(e2h))
         else:
             phi1, phi2, phi3 = _phis(h)
             x = x * (sigma[i + 1] / sigma[i]) + D0 * (m[i + 1] * phi1)
@@ -593,6 +595,7 @@ def sample(
     generator: torch.Generator | None = None,
     batch: int | None = None,
     ts: Grid | None = None,
+    device: torch.device | str | None = None,
     **options: Any,
 ) -> SampleResult:
     """n samples in model space: x_T ~ ``prior``, then ``sampler`` from T down to eps.
@@ -607,7 +610,9 @@ def sample(
 
     ``model(x, t) -> eps_hat`` is any eps-network with absolute time t of shape (B,); ``T`` is the
     horizon (0 < eps < T <= sde.T_max); ``n`` the number of samples and ``batch`` the most the
-    sampler integrates at once (None: all n). ``x`` has shape (n, *prior's shape), in model space.
+    sampler integrates at once (None: all n). x_T is drawn where the prior lives and integrated on
+    ``device`` (default: the model's, from its first parameter or buffer, or x_T's for a plain
+    function), where ``x`` is returned, of shape (n, *prior's shape), in model space.
     Bad input raises DifftimeError. docs/design.md §5 has the conventions; the method is the
     paper's, https://arxiv.org/abs/2206.05173 (a short T with a prior fitted to p_T).
 
@@ -635,6 +640,7 @@ def sample(
         ts = timesteps(sde, T, eps, steps, default_spacing(sampler) if spacing is None else spacing)
     with torch.no_grad():
         x_T = prior.sample(n, generator=generator)
+    x_T = x_T.to(module_device(model, x_T.device) if device is None else resolve_device(device))
     chunks, nfe = [], 0
     for first in range(0, n, batch or max(n, 1)):
         x0, nfe = step_fn(model, sde, x_T[first:first + (batch or n)], ts, generator=generator, **options)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from difftime.errors import located_error as _err
+from difftime.rng import rand_on
 
 # Bins narrower than this many float32 ulps (at the largest |x|) cannot round-trip reliably.
 _MIN_BIN_ULPS = 64
@@ -113,7 +114,7 @@ class Scaler:
             return (raw.to(torch.float64) * self.a + self.b).to(torch.float32)
         k = self._levels_of(raw)
         if dequantize:
-            u = torch.rand(k.shape, generator=generator, dtype=torch.float64, device=k.device)
+            u = rand_on(k.shape, generator, dtype=torch.float64, device=k.device)
         else:
             u = torch.full_like(k, 0.5)
         x = (self.a * (k + u) / self.levels + self.b).to(torch.float32)

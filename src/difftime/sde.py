@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from difftime.errors import DifftimeError
+from difftime.rng import randn_like_on
 
 
 def broadcast_to(coef: Tensor, x: Tensor) -> Tensor:
@@ -138,7 +139,7 @@ class SDE(ABC):
     ) -> tuple[Tensor, Tensor]:
         """Draw x_t = m(t) x0 + sigma(t) z, with z from ``generator`` unless given; returns (x_t, z)."""
         if z is None:
-            z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            z = randn_like_on(x0, generator)  # drawn on the generator's device (difftime.rng's rule)
         xt = broadcast_to(self.m(t), x0) * x0 + broadcast_to(self.sigma(t), x0) * z
         return xt, z
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from difftime.errors import DifftimeError
+from difftime.rng import randn_on
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -140,14 +141,12 @@ class PriorModule(nn.Module, ABC):
         return x if dtype is None else x.to(dtype)
 
     def _noise(self, n: int, generator: torch.Generator | None, like: Tensor | None = None) -> Tensor:
+        """(n, d) standard normals on ``like``'s device (the prior's), drawn on the generator's
+        (difftime.rng's rule: a seed gives the same draws wherever the prior lives)."""
         n = int(n)
         if n < 0:
             raise DifftimeError(f"{type(self).__name__}.sample: n={n} is invalid; expected n >= 0")
-        device = like.device if like is not None else torch.device("cpu")
-        if generator is not None:
-            device = generator.device
-        z = torch.randn((n, self.d), generator=generator, device=device, dtype=torch.float32)
-        return z if like is None else z.to(like.device)
+        return randn_on((n, self.d), generator, device=None if like is None else like.device)
 
     def extra_repr(self) -> str:
         return f"T={self.T:g}, shape={self.shape}"

@@ -61,20 +61,22 @@ def make_prior(family: str, sde: SDE, T: float, dataset: Dataset, *, seed: int =
 
 def fit_run_prior(run_path: str | Path, sde: SDE, shape: tuple[int, ...], family: str, T: float, dataset: Dataset,
                   *, steps: int, batch_size: int, lr: float, seed: int = 0, progress: bool = True,
-                  fit_options: dict[str, Any] | None = None, **options: Any) -> tuple[PriorModule, dict[str, Any]]:
+                  fit_options: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+                  **options: Any) -> tuple[PriorModule, dict[str, Any]]:
     """Build, fit and store a run's prior of ``family`` at T in ``prior_dir(run_path, family, T)``.
 
     ``fit_options`` go to :func:`fit_prior` (n_eval, eval_every, patience, z, schedule, warmup,
     time_limit, data_init); ``options`` to the family. Fitting checkpoints into a hidden sibling
     folder, so a killed fit rerun with the same arguments resumes; the stored prior only changes
     once the new one is complete. The folder also holds the fit curve (fit_curve.json, .png).
-    Returns the fitted prior and its fit record.
+    The prior is fitted on ``device`` (any name of ``difftime.distributed.resolve_device``; batches
+    are drawn on the CPU and moved), stored from the CPU, and returned on ``device`` with its fit record.
     """
     directory = prior_dir(run_path, family, T)
     main = distributed.is_main()  # under torchrun every rank fits the same prior; rank 0 writes it
     lock = directory.with_name(f".{directory.name}.lock")
     with exclusive_lock(lock, f"the {family} prior at T={T:g} of {run_path}") if main else contextlib.nullcontext():
-        prior = make_prior(family, sde, T, dataset, seed=seed, **options)
+        prior = make_prior(family, sde, T, dataset, seed=seed, **options).to(distributed.resolve_device(device))
         fit = fit_prior(prior, sde, T, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                         progress=progress, checkpoint=directory.with_name(f".{directory.name}.partial"),
                         **(fit_options or {}))

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from difftime import distributed
 from difftime.data import Dataset
+from difftime.distributed import module_device
 from difftime.errors import DifftimeError
 from difftime.io import (
     atomic_write_bytes,
@@ -94,13 +95,6 @@ def heldout_set(sde: SDE, T: float, dataset: Dataset, n_eval: int = 1000, seed: 
     return marginal_batch(sde, T, dataset, dataset.test[idx], gen)
 
 
-def _device(prior: Any) -> torch.device:
-    if isinstance(prior, torch.nn.Module):
-        for t in (*prior.parameters(), *prior.buffers()):
-            return t.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def example_nll(prior: Any, x: Tensor) -> Tensor:
     """-log nu(x) per example (float64, (B,)), evaluated in float32 batches in eval mode."""
@@ -108,7 +102,7 @@ def example_nll(prior: Any, x: Tensor) -> Tensor:
     if hasattr(prior, "eval"):
         prior.eval()
     try:
-        device = _device(prior)
+        device = module_device(prior)
         out = torch.cat([-prior.log_prob(chunk.to(device)).double().cpu() for chunk in x.split(_EVAL_BATCH)])
     finally:
         if was_training:
@@ -334,14 +328,14 @@ class _Fit:
         idx = torch.randint(self.dataset.train.shape[0], (max(int(self.settings["batch_size"]), 512),),
                             generator=init_gen)
         x = marginal_batch(self.sde, self.T, self.dataset, self.dataset.train[idx], init_gen)
-        self.prior.data_init(x.to(_device(self.prior)))
+        self.prior.data_init(x.to(module_device(self.prior)))
         distributed.broadcast(self.prior.state_dict().values())
 
     def run(self, progress: bool, checkpoint: Path | None, key: str | None) -> None:
         """Train to the end of the budget, to patience or to the time limit; the prior ends with the best weights."""
         s = self.settings
         n_train = self.dataset.train.shape[0]
-        device = _device(self.prior)
+        device = module_device(self.prior)
         self.prior.train()
         desc = f"fit {getattr(self.prior, 'family', 'prior')} T={self.T:g}"
         bar = tqdm(total=self.total, initial=self.step, desc=desc, disable=not (progress and distributed.is_main()),

@@ -163,7 +163,7 @@ class Study:
             return resolve_prior(run, family, T), {"fitted_now": False}
         prior, fit = fit_run_prior(run.path, run.sde, run.shape, family, T, dataset, steps=s["prior_steps"],
                                    batch_size=s["prior_batch_size"], lr=s["prior_lr"], seed=self.config["seed"],
-                                   progress=self.progress)
+                                   progress=self.progress, device=self.device)
         return prior, {"fitted_now": True, "fit": fit}
 
     def _headroom(self, run, priors: dict[str, Any], T: float, dataset) -> dict[str, Any]:
@@ -410,7 +410,7 @@ class Study:
         T_ref = max(s["T_grid"])
         sweep = sorted({steps_for_horizon(T, s["steps_per_unit_time"]) for T in s["T_grid"] if T < T_ref})
         cells = [(T, family) for T in s["T_grid"] for family in s["priors"]]
-        loaded = {path: load_run(path) for path in dict.fromkeys(run_dirs.values())}
+        loaded = {path: load_run(path, device=self.device) for path in dict.fromkeys(run_dirs.values())}
         for path, run in loaded.items():
             if run.config["resolved"]["data"] != dataset.name:
                 raise DifftimeError(f"{path} was trained on {run.config['resolved']['data']!r}, "

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from difftime import distributed
 from difftime.config import DEFAULTS, merge, validate
 from difftime.data import load_data
@@ -47,16 +49,16 @@ def saved_config(run_dir: str | Path, steps: int | None = None) -> dict[str, Any
     return config
 
 
-def train_run(config: dict[str, Any], out: str | Path, *, resume: bool = False, device: str = "cpu",
-              progress: bool = True) -> TrainResult:
+def train_run(config: dict[str, Any], out: str | Path, *, resume: bool = False,
+              device: str | torch.device = "cpu", progress: bool = True) -> TrainResult:
     """Train ``config`` into the run directory ``out``, or with ``resume`` continue it from its newest
     checkpoint (bitwise as if uninterrupted). The writing process holds the run's lock throughout,
     so a second writer is refused with one line.
 
     ``config`` is a full, validated config (``difftime.config.build_config``: defaults, preset, file
-    and overrides); ``device`` is a torch device string and ``progress`` shows a bar. The objective
-    is denoising score matching on [eps, train.T] (docs/design.md §4; DDPM's eps loss,
-    https://arxiv.org/abs/2006.11239, with the weightings of score SDE,
+    and overrides); ``device`` is "auto", "cpu", "cuda" or "cuda:K" (``difftime.distributed.resolve_device``)
+    and ``progress`` shows a bar. The objective is denoising score matching on [eps, train.T]
+    (docs/design.md §4; DDPM's eps loss, https://arxiv.org/abs/2006.11239, with the weightings of score SDE,
     https://arxiv.org/abs/2011.13456, Min-SNR, https://arxiv.org/abs/2303.09556, and EDM,
     https://arxiv.org/abs/2206.00364). Returns a :class:`TrainResult`; an existing run without
     ``resume`` raises DifftimeError.

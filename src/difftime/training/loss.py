@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from difftime.config import T_DISTRIBUTIONS, WEIGHTINGS
+from difftime.rng import rand_on
 from difftime.sde import SDE
 
 
@@ -55,7 +56,8 @@ def sample_time(
 
     With ``weighting="likelihood"`` and uniform t the weight is (g^2/v)(T - eps), an unbiased
     estimate of the ELBO's integral; importance sampling draws t with density g^2/(v Z) instead,
-    leaving the constant weight Z. Likelihood weighting needs ``t_distribution="uniform"``.
+    leaving the constant weight Z. Likelihood weighting needs ``t_distribution="uniform"``. t and
+    w are computed where ``generator`` draws (the CPU, difftime.rng's rule) and returned on ``device``.
 
     >>> import torch
     >>> from difftime.sde import VPSDE
@@ -68,15 +70,24 @@ def sample_time(
     >>> bool(torch.allclose(w, torch.full((4,), sde.importance_Z(0.4, 1e-5))))   # the constant weight Z
     True
     """
-    u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+    t, weight = _time_and_weight(sde, rand_on(n, generator, dtype=torch.float64), T, eps, weighting,
+                                 importance_sampling, t_distribution, log_snr_mean, log_snr_std, min_snr_gamma,
+                                 sigma_data)
+    return t.float().to(device), weight.float().to(device)
+
+
+def _time_and_weight(sde: SDE, u: Tensor, T: float, eps: float, weighting: str, importance_sampling: bool,
+                     t_distribution: str, log_snr_mean: float, log_snr_std: float, min_snr_gamma: float,
+                     sigma_data: float) -> tuple[Tensor, Tensor]:
+    """(t, w) of ``sample_time`` from its uniforms u, in float64 on u's device."""
     if weighting == "likelihood":
         if t_distribution != "uniform":
             raise ValueError("likelihood weighting draws t uniformly or by importance sampling")
         if importance_sampling:
             t = sde.importance_sample_t(u, T, eps)
-            return t.float(), torch.full_like(t, sde.importance_Z(T, eps)).float()
+            return t, torch.full_like(t, sde.importance_Z(T, eps))
         t = eps + (T - eps) * u
-        return t.float(), (sde.g2(t) / sde.v(t) * (T - eps)).float()
+        return t, sde.g2(t) / sde.v(t) * (T - eps)
     if t_distribution == "uniform":
         t = eps + (T - eps) * u
     elif t_distribution == "log-snr-normal":
@@ -92,7 +103,7 @@ def sample_time(
         weight = 1 + torch.exp(-2 * sde.log_snr(t)) / sigma_data**2
     else:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
-    return t.float(), weight.float()
+    return t, weight
 
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:

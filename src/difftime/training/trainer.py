@@ -24,7 +24,7 @@ from difftime.data import Dataset
 from difftime.errors import DifftimeError
 from difftime.io import encode_tensors, load_state_dict_strict, load_tensors, read_checked_json
 from difftime.nets import net_from_config
-from difftime.rng import stream_seed
+from difftime.rng import randn_on, stream_seed
 from difftime.run import (
     newest_checkpoint,
     publish_checkpoint,
@@ -40,9 +40,10 @@ from difftime.training.loss import dsm_loss, lr_factor, sample_time
 class Trainer:
     """Owns the model, EMA, optimizer, data order and RNG streams of one training run.
 
-    All randomness flows from two generators seeded by ``config["seed"]`` (data order and
-    per-step noise), plus torch's global RNG for dropout; all three are checkpointed, so a
-    resumed run continues the same random stream as an uninterrupted one. A step with a
+    All randomness flows from two CPU generators seeded by ``config["seed"]`` (data order and
+    per-step noise, drawn on the CPU and moved to the device: difftime.rng's rule, so a seed trains
+    on the same draws on every device), plus torch's global RNG for dropout (the CUDA one on a GPU);
+    all are checkpointed, so a resumed run continues the same random stream as an uninterrupted one. A step with a
     non-finite loss or gradient changes no weights; ``train.skip_nonfinite`` such steps are
     skipped (they still consume their batch and noise, so resume stays exact), one more stops.
 
@@ -55,10 +56,10 @@ class Trainer:
     which hold every rank's RNG states.
     """
 
-    def __init__(self, config: dict[str, Any], dataset: Dataset, device: str = "cpu") -> None:
+    def __init__(self, config: dict[str, Any], dataset: Dataset, device: str | torch.device = "cpu") -> None:
         self.config = config
         self.dataset = dataset
-        self.device = torch.device(device)
+        self.device = distributed.resolve_device(device)  # "auto", "cuda:K", ...: one reading of a name
         tr = config["train"]
         self.tr = tr
         self.sde = sde_from_config(sde_config(config))
@@ -85,7 +86,7 @@ class Trainer:
             self.model.parameters(), lr=tr["lr"], betas=tuple(tr["adam_betas"]), weight_decay=tr["weight_decay"]
         )
         self.data_gen = torch.Generator().manual_seed(seed + 1)
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(self._noise_seed(self.rank))
+        self.noise_gen = torch.Generator().manual_seed(self._noise_seed(self.rank))
         if self.rank:  # dropout masks differ across ranks too; rank 0 keeps the one-process stream
             torch.manual_seed(self._noise_seed(self.rank) + 1)
         self.train_data = dataset.train
@@ -94,6 +95,13 @@ class Trainer:
         self.step = 0
         self.skipped: list[int] = []
         self.saved_step: int | None = None
+
+    def _global_rng_state(self) -> dict[str, Tensor]:
+        """torch's global RNG states that this rank's dropout draws from: the CPU's, and its GPU's."""
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
 
     def _noise_seed(self, rank: int) -> int:
         if rank == 0 or self.shared_noise:
@@ -132,7 +140,7 @@ class Trainer:
         z = None
         if self.shared_noise:
             t, weight = distributed.shard(t), distributed.shard(weight)
-            z = distributed.shard(torch.randn((draws, *x0.shape[1:]), generator=self.noise_gen, device=self.device))
+            z = distributed.shard(randn_on((draws, *x0.shape[1:]), self.noise_gen, device=self.device))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         autocast = (
@@ -235,7 +243,7 @@ class Trainer:
         """Write checkpoints/step-N/, then replace the top-level copy, then keep the newest K folders."""
         run_dir = Path(run_dir)
         self._check_finite_weights(run_dir)
-        ranks = distributed.gather((self.noise_gen.get_state(), torch.get_rng_state()))
+        ranks = distributed.gather((self.noise_gen.get_state(), self._global_rng_state()))
         if ranks is None:  # not rank 0: these RNG states travel in rank 0's checkpoint
             self.saved_step = self.step
             distributed.barrier()
@@ -243,11 +251,15 @@ class Trainer:
         state: dict[str, Tensor] = {
             "rng.data": self.data_gen.get_state(),
             "rng.noise": self.noise_gen.get_state(),
-            "rng.torch": torch.get_rng_state(),
             "data.order": self.order,
         }
-        for r, (noise, rng) in enumerate(ranks[1:], start=1):
-            state[f"rng.noise.rank{r}"], state[f"rng.torch.rank{r}"] = noise, rng
+        for r, (noise, rng) in enumerate(ranks):
+            suffix = f".rank{r}" if r else ""
+            state[f"rng.torch{suffix}"] = rng["cpu"]
+            if r:
+                state[f"rng.noise{suffix}"] = noise
+            if "cuda" in rng:  # dropout on a GPU draws from CUDA's global stream
+                state[f"rng.cuda{suffix}"] = rng["cuda"]
         opt = self.optimizer.state_dict()
         for idx, slots in opt["state"].items():
             for name, value in slots.items():
@@ -327,10 +339,13 @@ class Trainer:
             self.optimizer.load_state_dict({"state": slots, "param_groups": meta["optim_param_groups"]})
             self.data_gen.set_state(state["rng.data"])
             noise_key = "rng.noise" if self.shared_noise or not self.rank else f"rng.noise.rank{self.rank}"
-            torch_key = f"rng.torch.rank{self.rank}" if self.rank else "rng.torch"
-            for key, restore in ((noise_key, self.noise_gen.set_state), (torch_key, torch.set_rng_state)):
+            suffix = f".rank{self.rank}" if self.rank else ""
+            for key, restore in ((noise_key, self.noise_gen.set_state), (f"rng.torch{suffix}", torch.set_rng_state)):
                 if key in state or not self.rank:  # a rank the saving run lacked keeps its fresh streams
                     restore(state[key])
+            # A CUDA stream resumes on CUDA only (a run moved between devices keeps its fresh one).
+            if self.device.type == "cuda" and f"rng.cuda{suffix}" in state:
+                torch.cuda.set_rng_state(state[f"rng.cuda{suffix}"], self.device)
             self.order = state["data.order"]
             self.position = int(meta["data_position"])
             self.step = int(meta["step"])
