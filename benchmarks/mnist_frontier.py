@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peer_samplers import SCHEDULE, Counted, check_schedule
+from peer_samplers import SCHEDULE, Counted, check_schedule, drive_scheduler
 
 from difftime.evaluation import data_variances, draw_samples, resolve_prior
 from difftime.gridopt import GitsTeacher, TimeGrid, gaussian_grid, gits_teacher
@@ -209,19 +209,8 @@ def peer_sample(run: Run, spec: tuple[str, dict], nfe: int, n: int, seed: int) -
     cls = {"dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler, "deis": DEISMultistepScheduler,
            "ddim": DDIMScheduler}[kind]
     scheduler = cls(**common, **({"algorithm_type": "dpmsolver++"} if kind == "dpm" else {}), **extra)
-    step_t = SCHEDULE.step_times().float()
-    model = Counted(BF16(run.model))
-    generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    with torch.no_grad():
-        scheduler.set_timesteps(nfe)
-        x = torch.randn(n, *run.shape, generator=generator) * scheduler.init_noise_sigma
-        for k in scheduler.timesteps:
-            x = scheduler.step(model(x, step_t[int(k)].expand(n)), k, x).prev_sample
-        samples = run.scaler.decode(x).numpy()
-    if model.calls != nfe:
-        raise RuntimeError(f"{spec}: {model.calls} network calls for a budget of {nfe}")
-    return samples, time.perf_counter() - start
+    samples, _, wall = drive_scheduler(scheduler, Counted(BF16(run.model)), run, nfe, n, seed, str(spec))
+    return samples, wall
 
 
 def cmd_select(args: argparse.Namespace) -> None:

@@ -140,9 +140,14 @@ def check_schedule(run: Run) -> None:
 def peer_sample(run: Run, label: str, nfe: int, n: int, seed: int) -> tuple[np.ndarray, int, float]:
     """n data-space samples from diffusers scheduler ``label`` driving ``run``'s network from N(0, I);
     (samples, counted NFE, wall seconds)."""
-    scheduler = make_scheduler(label)
+    return drive_scheduler(make_scheduler(label), Counted(run.model), run, nfe, n, seed, label)
+
+
+def drive_scheduler(scheduler, model: Counted, run: Run, nfe: int, n: int, seed: int,
+                    label: str) -> tuple[np.ndarray, int, float]:
+    """A diffusers scheduler set to ``nfe`` steps driving ``model`` from x_T ~ N(0, I) (seed) at the top
+    DDPM step; the counted calls must equal the budget."""
     step_t = SCHEDULE.step_times().float()  # step_t[999] = 1.0034 > T_max: evaluated as is (see the docstring)
-    model = Counted(run.model)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     with torch.no_grad():
