@@ -20,6 +20,8 @@ from difftime.io import atomic_write_bytes
 
 # Order matters only for the first run: sampler_overhead trains the cached model, peer_samplers fits its priors.
 BENCHMARKS = ("train_step", "sampler_overhead", "likelihood", "peer_samplers", "memory", "metrics")
+# Reported in BENCHMARKS.md from their results file, but run on their own (too long for `make bench`).
+REPORTED = ("mnist_frontier",)
 REPORT = HERE.parent / "BENCHMARKS.md"
 # What the allocator setting of `difftime.allocator` rests on (measured once, by hand; not rerun here).
 ALLOCATOR_NOTE = (
@@ -39,7 +41,7 @@ def _fmt(x: float, se: float | None = None) -> str:
 def report(suite: dict) -> str:
     """BENCHMARKS.md from results/*.json."""
     found = {name: json.loads((RESULTS / f"{name}.json").read_text())
-             for name in BENCHMARKS if (RESULTS / f"{name}.json").is_file()}
+             for name in (*BENCHMARKS, *REPORTED) if (RESULTS / f"{name}.json").is_file()}
     m = suite["machine"]
     lines = [
         "# Benchmarks",
@@ -64,6 +66,11 @@ def report(suite: dict) -> str:
         from peer_samplers import section
 
         lines += ["", section(found["peer_samplers"], "python benchmarks/suite.py --only peer_samplers").rstrip()]
+    if "mnist_frontier" in found:
+        lines += ["", "## The 28x28 frontier", "",
+                  "The 28x28 rows come from `benchmarks/mnist_frontier.py` (about two hours at one thread, so not "
+                  "part of `make bench`); its report, with the selection table of every method family, the grid "
+                  "optimization costs and sample grids, is [docs/mnist-frontier](docs/mnist-frontier/report.md)."]
     lines += ["", "## Runs", "", "The allocator column is the process setting of `difftime.allocator` "
               "(the `difftime` command applies it too). " + ALLOCATOR_NOTE, "",
               "| benchmark | finished | wall | threads | allocator | load average |",
