@@ -234,6 +234,8 @@ def test_rerun_with_other_settings_is_refused(digits_study, tmp_path, capsys):
     (["--spacing", "cosine"], "study.spacing: unknown 'cosine'; choose from auto, time, logsnr"),
     (["--frontier-samplers", "dopri5"], "fixed NFE per step"),
     (["--frontier-samplers", "heun", "--nfe-budgets", "4,6"], "meets none of study.nfe_budgets"),
+    (["--frontier-grids", "dmn"], "study.frontier_grids: unknown ['dmn']; choose from gaussian, gits"),
+    (["--frontier-grids", "gits", "--frontier-samplers", "dpm++2m,em"], "no optimized grid for"),
     (["--T-grid", "0.4,1", "--eps", "0.5"], "study.sample_eps=0.5 must be below the smallest T"),
     (["--T-grid", "x"], "--T-grid"),
     (["--mode", "per-T", "--run", "nowhere"], "config.json"),
