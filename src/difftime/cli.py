@@ -437,15 +437,19 @@ def cmd_study(args: argparse.Namespace) -> int:
         overrides["seed"] = args.seed
     if args.run is not None and args.steps is not None:
         raise DifftimeError("--steps sets training steps, but --run uses a trained model; drop one of them")
-    from difftime.distributed import resolve_device
+    from difftime.distributed import resolve_device, session
 
-    device = str(resolve_device(args.device))  # a bad --device fails before the study starts
+    resolve_device(args.device)  # a bad --device fails before the study starts
     config = study_config(args.preset, args.config, overrides, run=args.run)
     start = time.perf_counter()
-    study = Study(args.out, config, run=args.run, device=device, progress=not args.no_progress)
-    summary = study.run()
-    print(json.dumps({"study": str(study.out), "report": str(study.out / "report.md"), "cells": summary["n_cells"],
-                      "wall_s": round(time.perf_counter() - start, 1)}))
+    with session(args.device) as device:  # under torchrun: the stages are shared among the ranks
+        study = Study(args.out, config, run=args.run, device=device, progress=not args.no_progress)
+        summary = study.run()
+        main = _is_main()
+    if main:
+        print(json.dumps({"study": str(study.out), "report": str(study.out / "report.md"),
+                          "cells": summary["n_cells"], "processes": summary["processes"],
+                          "wall_s": round(time.perf_counter() - start, 1)}))
     return 0
 
 

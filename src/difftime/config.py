@@ -83,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
         "fixed_steps": 20,           # one budget shared by every T; 0: none
         "sample_precision": "fp32",  # the network during sampling: fp32, or bf16 (autocast; likelihoods stay fp32)
         "n_samples": 500,
+        # The most samples integrated at once; also the unit that torchrun's ranks share, so a set of
+        # n samples keeps ceil(n / sample_batch) ranks busy. A stochastic sampler's draws depend on it.
+        "sample_batch": 500,
         "n_likelihood": 200,
         "n_pfode": 0,                # PF-ODE bits/dim on the first n_pfode of those (0: all n_likelihood)
         "n_t": 32,

@@ -11,7 +11,7 @@ rank, and rank 0 alone writes files. In one process every helper here is a no-op
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -107,12 +107,33 @@ def session(device: str = "cpu") -> Iterator[str]:
         dist.destroy_process_group()
 
 
+_ALONE: list[bool] = []  # non-empty inside `alone()`
+
+
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_initialized() and not _ALONE else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() and not _ALONE else 0
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Within the block this rank works as if it were the only process: every helper here (and so
+    training, prior fits and writes guarded by :func:`is_main`) acts as in one process. The study
+    uses it for work it gives to one rank, such as one network of a per-T study."""
+    _ALONE.append(True)
+    try:
+        yield
+    finally:
+        _ALONE.pop()
+
+
+def owns(index: int) -> bool:
+    """Whether this rank does work item ``index`` when items are dealt round-robin: item k goes to
+    rank k mod world size, the same deal on every rank."""
+    return index % world_size() == rank()
 
 
 def is_main() -> bool:
@@ -168,6 +189,51 @@ def gather(obj: Any) -> list[Any] | None:
     out: list[Any] | None = [None] * world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable, CPU tensors inside) as a list in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_owned(owned: dict[int, Any]) -> dict[int, Any]:
+    """The union of every rank's {item index: result} (:func:`owns`), on every rank."""
+    return {k: v for part in all_gather(owned) for k, v in part.items()}
+
+
+def deal(count: int, work: Callable[[int], Any], replay: Callable[[int], Any] | None = None) -> list[Any]:
+    """``work(k)`` for the items k = 0..count-1 that this rank :func:`owns`, ``replay(k)`` (when given)
+    for the others, in order k, so a random stream that every item draws from advances on every rank
+    as it does in one process; returns every item's result, in order, on every rank."""
+    owned = {}
+    for k in range(count):
+        if owns(k):
+            owned[k] = work(k)
+        elif replay is not None:
+            replay(k)
+    return [value for _, value in sorted(gather_owned(owned).items())]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only, its result given to every rank. A DifftimeError there is raised
+    on every rank with the same line, so all ranks stop the same way instead of waiting."""
+    if world_size() == 1:
+        return fn()
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = ("ok", fn())
+        except DifftimeError as exc:
+            box[0] = ("error", str(exc))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise DifftimeError(value)
+    return value
 
 
 def barrier() -> None:

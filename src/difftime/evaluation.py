@@ -6,6 +6,8 @@ was computed from (T, eps, prior, N, split, seeds, tolerances), so numbers can b
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import time
 from collections.abc import Mapping
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from difftime import distributed
 from difftime.errors import DifftimeError
 from difftime.gridopt import GRID_METHODS, TimeGrid, gaussian_grid, gits_grid
 from difftime.likelihood import bits_per_dim, elbo_across_T, full_precision, ode_flow, prior_draws_across_T
@@ -30,6 +33,7 @@ from difftime.sampling import (
     default_sample_eps,
     default_spacing,
     sample,
+    zero_eps,
 )
 from difftime.sde import SDE
 from difftime.stats import Difference, mean_se, paired_difference
@@ -77,6 +81,7 @@ def draw_samples(
     eps: float | None = None,
     batch: int = 500,  # chosen by measurement on CPU (docs/design.md §5)
     precision: str = "fp32",
+    shard: bool = False,
     **options: Any,
 ) -> DrawnSamples:
     """n data-space samples: x_T ~ prior, the reverse ``sampler`` on [eps, T], then unscaled.
@@ -91,7 +96,8 @@ def draw_samples(
     whatever the batch size. ``precision`` "bf16" runs the network under bfloat16 autocast (faster per
     call on CPU, docs/design.md §5); the sampler's own arithmetic stays in float32. The sampler runs on
     ``run.device`` with the prior's draw and the noise from a CPU generator (difftime.rng's rule), so a
-    seed gives the same samples on every device up to float error.
+    seed gives the same samples on every device up to float error. ``shard`` shares the batches
+    among torchrun's ranks (``sample``'s rule): the same samples at any world size, on every rank.
     """
     if precision not in SAMPLE_PRECISIONS:
         raise DifftimeError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}, got {precision!r}")
@@ -101,7 +107,7 @@ def draw_samples(
     model = _BF16Network(run.model) if precision == "bf16" else run.model
     start = time.perf_counter()
     x0, nfe = sample(model, run.sde, _Shaped(prior, run.shape), T, n=n, eps=eps, sampler=sampler, steps=steps,
-                     generator=generator, batch=batch, **options)
+                     generator=generator, batch=batch, shard=shard, **options)
     wall = time.perf_counter() - start
     return DrawnSamples(run.scaler.decode(x0.cpu()).numpy(), nfe, wall)
 
@@ -200,6 +206,7 @@ def likelihood_across_T(
     elbo_design: str = "auto",
     n_nll: int | None = None,
     progress: bool = True,
+    shard: bool = False,
 ) -> LikelihoodAcrossT:
     """ELBO terms and PF-ODE NLL of ``raw`` (data space) in bits/dim for every T of ``runs`` (T ->
     the run that serves it) and every prior of ``priors[T]`` (the same names at every T).
@@ -220,7 +227,9 @@ def likelihood_across_T(
     comes from a CPU generator (difftime.rng's rule) and the per-example figures come back to the CPU.
 
     ``n_nll`` (default: all) solves the PF-ODE for the first ``n_nll`` examples only: the ELBO
-    costs a few network calls per example, the PF-ODE hundreds of forward+VJP calls.
+    costs a few network calls per example, the PF-ODE hundreds of forward+VJP calls. ``shard``
+    shares the batches of 64 examples among torchrun's ranks (k = rank mod world size); each rank
+    replays the others' draws with a zero network, so every figure is the one-process figure.
     """
     unknown = set(metrics) - set(LIKELIHOOD_METRICS)
     if unknown:
@@ -247,34 +256,50 @@ def likelihood_across_T(
     if not 2 <= n_nll <= n:
         raise DifftimeError(f"n_nll must be between 2 and the {n} examples, got {n_nll}")
     keys = ("elbo", "prior", "score", "constant", "nll", "improvement")
-    per = {(T, p): {k: [] for k in keys} for T in Ts for p in names}
-    nfes: list[float] = []
     chunks = [(r, s) for r in range(repeats) for s in range(0, n, batch)]
     label = f"T={Ts[0]:g}" if len(Ts) == 1 else f"T={Ts[0]:g}..{Ts[-1]:g}"
-    bar = tqdm(chunks, desc=f"likelihood {label} {', '.join(names)}", disable=not progress, unit="batch")
-    for _, start in bar:
+    bar = tqdm(total=len(chunks), desc=f"likelihood {label} {', '.join(names)}", disable=not progress, unit="batch")
+    zero = {T: dataclasses.replace(run, model=zero_eps) for T, run in runs.items()}
+
+    def chunk(k: int, live: bool = True) -> tuple[dict, list[float]]:
+        """One batch's per-example terms (nats, on the CPU) and PF-ODE NFEs. ``live=False`` replays
+        its random draws with a zero network (every draw depends on shapes only) and keeps nothing."""
+        start = chunks[k][1]
+        use, use_priors = (runs, priors) if live else (zero, {T: {"standard": standard[T]} for T in Ts})
+        per = {(T, p): {key: [] for key in keys} for T in Ts for p in use_priors[Ts[0]]}
+        nfes: list[float] = []
         x = scaler.encode(raw[start:start + batch], generator=dequant_gen)
         if "elbo" in metrics:
-            _elbo_batch(runs, Ts, priors, standard, x, per, elbo_gen, one_run, design, n_t=n_t, n_prior=n_prior,
+            _elbo_batch(use, Ts, use_priors, standard, x, per, elbo_gen, one_run, design, n_t=n_t, n_prior=n_prior,
                         eps=eps)
         if "nll" in metrics and start < n_nll:
-            solves = [(Ts, run0)] if one_run else [((T,), runs[T]) for T in Ts]
+            solves = [(Ts, use[Ts[0]])] if one_run else [((T,), use[T]) for T in Ts]
             probes = ode_gen.get_state()
             x_nll = x[: n_nll - start]
-            for grid, run in solves:
+            for grid, run in solves if live else solves[-1:]:
                 ode_gen.set_state(probes)  # the same Hutchinson probes for every solve
                 x_T, integral, nfe = ode_flow(run.model, sde, x_nll.to(run.device),
                                               list(grid) if len(grid) > 1 else grid[0],
                                               eps=eps, rtol=rtol, atol=atol, divergence=divergence,
                                               generator=ode_gen)
+                if not live:
+                    continue
                 if len(grid) == 1:
                     x_T, integral = x_T[None], integral[None]
                 nfes.append(float(nfe))
                 with torch.no_grad():
-                    for k, T in enumerate(grid):
+                    for j, T in enumerate(grid):
                         for p in names:
-                            per[T, p]["nll"].append((priors[T][p].log_prob(x_T[k]).double()
-                                                     + integral[k].double()).cpu())
+                            per[T, p]["nll"].append((priors[T][p].log_prob(x_T[j]).double()
+                                                     + integral[j].double()).cpu())
+        bar.update(1)
+        return per, nfes
+
+    with bar:
+        parts = (distributed.deal(len(chunks), chunk, functools.partial(chunk, live=False)) if shard
+                 else [chunk(k) for k in range(len(chunks))])
+    per = {(T, p): {key: [v for part, _ in parts for v in part[T, p][key]] for key in keys} for T in Ts for p in names}
+    nfes = [nfe for _, part_nfes in parts for nfe in part_nfes]
     nfe_mean = sum(nfes) / len(nfes) if nfes else math.nan
     summaries = {T: {p: _likelihood_summary(per[T, p], [nfe_mean], p, metrics, T, eps, n, n_nll, repeats, d,
                                             levels, a,

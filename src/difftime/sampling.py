@@ -115,6 +115,7 @@ dx/dt = alpha x, which ``ddim`` solves exactly, so x0 = x_T / m(T):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -122,6 +123,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from difftime import distributed
 from difftime.distributed import module_device, resolve_device
 from difftime.errors import DifftimeError
 from difftime.grids import (  # noqa: F401  (re-exported: the grids belong to sampling's API)
@@ -581,6 +583,12 @@ def default_spacing(sampler: str) -> str:
     return SAMPLER_SPACINGS[sampler]
 
 
+def zero_eps(x: Tensor, t: Tensor) -> Tensor:
+    """An eps-network that predicts zero, as a function of x (so a VJP through it is defined): it
+    replays a sampler's or a likelihood's random draws without the network."""
+    return x * 0
+
+
 def sample(
     model: nn.Module,
     sde: SDE,
@@ -596,6 +604,7 @@ def sample(
     batch: int | None = None,
     ts: Grid | None = None,
     device: torch.device | str | None = None,
+    shard: bool = False,
     **options: Any,
 ) -> SampleResult:
     """n samples in model space: x_T ~ ``prior``, then ``sampler`` from T down to eps.
@@ -613,6 +622,8 @@ def sample(
     sampler integrates at once (None: all n). x_T is drawn where the prior lives and integrated on
     ``device`` (default: the model's, from its first parameter or buffer, or x_T's for a plain
     function), where ``x`` is returned, of shape (n, *prior's shape), in model space.
+    With ``shard`` under torchrun each rank integrates the batches k = rank mod world size and every
+    rank gets them all back: the same samples at any world size (docs/design.md §8).
     Bad input raises DifftimeError. docs/design.md §5 has the conventions; the method is the
     paper's, https://arxiv.org/abs/2206.05173 (a short T with a prior fitted to p_T).
 
@@ -641,8 +652,28 @@ def sample(
     with torch.no_grad():
         x_T = prior.sample(n, generator=generator)
     x_T = x_T.to(module_device(model, x_T.device) if device is None else resolve_device(device))
-    chunks, nfe = [], 0
-    for first in range(0, n, batch or max(n, 1)):
-        x0, nfe = step_fn(model, sde, x_T[first:first + (batch or n)], ts, generator=generator, **options)
-        chunks.append(x0)
-    return SampleResult(torch.cat(chunks), nfe)
+    size = batch or max(n, 1)
+    firsts = range(0, n, size)
+
+    def solve(k: int, net: Callable = model) -> SampleResult:
+        return step_fn(net, sde, x_T[firsts[k]:firsts[k] + size], ts, generator=generator, **options)
+
+    replay: Callable[[int], Any] | None = None
+    if shard and distributed.world_size() > 1:
+        if generator is None:
+            raise DifftimeError("sampling shared across ranks needs a seeded generator, so every rank draws alike")
+        # The others' batches are replayed with a zero network: a sampler's draws depend on shapes
+        # only, so the generator stays where one process has it. Deterministic samplers skip this.
+        probe = torch.Generator().set_state(generator.get_state())
+        step_fn(zero_eps, sde, x_T[:1], ts, generator=probe, **options)
+        if not torch.equal(probe.get_state(), generator.get_state()):
+            replay = functools.partial(solve, net=zero_eps)
+    if not shard:
+        results = [solve(k) for k in range(len(firsts))]
+    else:
+        def solve_to_cpu(k: int) -> SampleResult:  # results travel between ranks through the CPU
+            x0, nfe = solve(k)
+            return SampleResult(x0.cpu(), nfe)
+
+        results = distributed.deal(len(firsts), solve_to_cpu, replay)
+    return SampleResult(torch.cat([r.x for r in results]).to(x_T.device), results[-1].nfe)

@@ -510,6 +510,13 @@ def _wall_md(rep: _Report) -> list[str]:
                                                                              "quality_metrics_s")]] for c in cells]
     md.append(_table(["T", "prior", "prior fit", "likelihood", "sampling", "quality metrics"], wrows))
     md.append("")
+    if summary.get("stage_wall_s"):
+        processes = summary.get("processes", 1)
+        md.append(f"The last invocation's wall clock per stage, {processes} process{'es' if processes > 1 else ''} "
+                  "(stages already done are loaded, in seconds near 0):")
+        md.append("")
+        md.append(_table(["stage", "seconds"], [[name, f"{sec:.1f}"] for name, sec in summary["stage_wall_s"].items()]))
+        md.append("")
     md.append("Everything above is in `results.json` (with the config, seeds, sample counts and versions) and, one "
               "row per cell x sampler x budget, in `results.csv`.")
     return md

@@ -3,6 +3,7 @@ report."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import time
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from difftime.config import merge, validate
+from difftime import distributed
+from difftime.config import build_config, merge, validate
 from difftime.data import load_data
 from difftime.errors import DifftimeError
 from difftime.evaluation import draw_samples, likelihood_across_T, optimize_grid, resolve_prior
@@ -57,6 +59,20 @@ def _fid_name(c: dict[str, Any]) -> str:
     return f"{cell_name(c['T'], c['prior'])}-{c['sampler']}-{c['steps']}{grid}"
 
 
+class _StageClock:
+    """Wall seconds of each stage of one invocation, as rank 0 sees them (a shared stage ends when
+    its last rank delivers)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self._last
+        self._last = now
+
+
 class Study:
     """One study directory: plan, train, measure every cell, then write the report."""
 
@@ -84,6 +100,10 @@ class Study:
             for key in GRID_KEYS:
                 old["study"].pop(key, None)
                 new["study"].pop(key, None)
+            # A setting added to the library since the study began, at the default that reproduces it.
+            defaults = build_config()["study"]
+            old["study"].update({k: v for k, v in new["study"].items()
+                                 if k not in old["study"] and k in defaults and v == defaults[k]})
             changed = _changed_keys(old, new) + (["--run"] if saved.get("run") != self.pretrained else [])
             if changed:
                 raise DifftimeError(
@@ -104,20 +124,39 @@ class Study:
         return {T: self.out / "runs" / f"T{T:g}" for T in self.settings["T_grid"]}
 
     def _train(self, run_dir: Path, T_train: float, dataset) -> dict[str, Any]:
-        """Train (or finish training) one run; returns its training record."""
+        """Train (or finish training) one run on every rank (DDP under torchrun); returns its
+        training record."""
         record_path = run_dir / "study-train.json"
-        if record_path.is_file():
-            return read_json_file(record_path, "training record")
+        saved = distributed.on_main(lambda: read_json_file(record_path, "training record")
+                                    if record_path.is_file() else None)
+        if saved is not None:
+            return saved
         config = merge(self.config, {"train": {"T": T_train}})
         validate(config)
         # An interrupted study finishes the run from its last checkpoint.
-        result = train_run(config, run_dir, resume=(run_dir / "config.json").is_file(), device=self.device,
-                           progress=self.progress)
+        resume = distributed.on_main(lambda: (run_dir / "config.json").is_file())
+        result = train_run(config, run_dir, resume=resume, device=self.device, progress=self.progress)
         record = {"run": str(run_dir), "T_train": T_train, "steps": result.step,
                   "resumed_at_step": result.resumed_at_step, "last_loss": result.last_loss, "params": result.params,
                   "wall_s": result.wall_s}
-        save_json(record_path, record)
+        if distributed.is_main():
+            save_json(record_path, record)
         return record
+
+    def _train_all(self, run_dirs: dict[float, Path], dataset) -> dict[str, Any]:
+        """Every run's training record. Truncate mode trains its one network on all ranks (DDP); per-T
+        mode deals the networks to the ranks (T_grid[k] to rank k mod world size), each trained by its
+        rank alone, so every network is the one a single process trains."""
+        if self.settings["mode"] == "truncate":
+            run_dir = next(iter(run_dirs.values()))
+            return {str(run_dir): self._train(run_dir, self.config["train"]["T"], dataset)}
+        Ts = list(run_dirs)
+
+        def train_alone(k: int) -> dict[str, Any]:
+            with distributed.alone():
+                return self._train(run_dirs[Ts[k]], Ts[k], dataset)
+
+        return {str(run_dirs[T]): record for T, record in zip(Ts, distributed.deal(len(Ts), train_alone), strict=True)}
 
     def _splits(self, dataset) -> tuple[str, str]:
         """(reference split, held-out split): samples are scored against the reference, and real
@@ -134,7 +173,7 @@ class Study:
                                reference_split=self._splits(dataset)[0], seed=self.config["seed"], progress=False,
                                bootstrap=s["bootstrap"])
 
-    def _data_floor(self, dataset) -> dict[str, Any]:
+    def _data_floor(self, dataset) -> dict[str, Any]:  # on rank 0 (metrics)
         """Held-out real examples scored exactly as a cell's samples are (the same n, reference,
         features and bootstrap counts): what a perfect model scores at this sample size. A cell that
         scores better than this is suspect (low diversity or metric bias), not excellent."""
@@ -156,15 +195,30 @@ class Study:
         return floor
 
     # --- one cell ----------------------------------------------------------------------------
-    def _prior(self, run, family: str, T: float, dataset) -> tuple[Any, dict[str, Any]]:
-        """The run's prior at T: loaded when already fitted, fitted and stored otherwise."""
+    def _priors(self, runs: dict[float, Any], dataset) -> tuple[dict[float, dict[str, Any]],
+                                                                 dict[tuple[float, str], dict[str, Any]]]:
+        """Every cell's prior, with its record. The missing fits are dealt to the ranks (cell k to rank
+        k mod world size, each fitted by its rank alone and stored in its run); then every rank loads
+        every prior from its folder, so a fresh study and a resumed one use the same weights."""
         s = self.settings
-        if family == "standard" or (prior_dir(run.path, family, T) / "config.json").is_file():
-            return resolve_prior(run, family, T), {"fitted_now": False}
-        prior, fit = fit_run_prior(run.path, run.sde, run.shape, family, T, dataset, steps=s["prior_steps"],
-                                   batch_size=s["prior_batch_size"], lr=s["prior_lr"], seed=self.config["seed"],
-                                   progress=self.progress, device=self.device)
-        return prior, {"fitted_now": True, "fit": fit}
+        cells = [(T, family) for T in s["T_grid"] for family in s["priors"] if family != "standard"]
+        missing = distributed.on_main(lambda: [(T, f) for T, f in cells
+                                               if not (prior_dir(runs[T].path, f, T) / "config.json").is_file()])
+
+        def fit(k: int) -> dict[str, Any]:
+            T, family = missing[k]
+            start = time.perf_counter()
+            with distributed.alone():
+                _, record = fit_run_prior(runs[T].path, runs[T].sde, runs[T].shape, family, T, dataset,
+                                          steps=s["prior_steps"], batch_size=s["prior_batch_size"], lr=s["prior_lr"],
+                                          seed=self.config["seed"], progress=self.progress, device=self.device)
+            return {"fitted_now": True, "fit": record, "wall_s": time.perf_counter() - start}
+
+        fitted = dict(zip(missing, distributed.deal(len(missing), fit), strict=True))
+        priors = {T: {f: resolve_prior(runs[T], f, T) for f in s["priors"]} for T in s["T_grid"]}
+        info = {(T, f): fitted.get((T, f), {"fitted_now": False, "wall_s": 0.0})
+                for T in s["T_grid"] for f in s["priors"]}
+        return priors, info
 
     def _headroom(self, run, priors: dict[str, Any], T: float, dataset) -> dict[str, Any]:
         """How much any prior could still gain at T (``difftime.headroom``), cached per T."""
@@ -188,24 +242,33 @@ class Study:
         s = self.settings
         path, arrays = self.out / "likelihood.json", self.out / "likelihood.npz"
         grid = {"T_grid": s["T_grid"], "priors": s["priors"], "n": s["n_likelihood"], "n_pfode": s["n_pfode"]}
-        if path.is_file() and arrays.is_file():
-            saved = read_json_file(path, "likelihood record")
-            if saved.get("grid") == grid:
-                return saved
+
+        def cached() -> dict[str, Any] | None:
+            if path.is_file() and arrays.is_file():
+                saved = read_json_file(path, "likelihood record")
+                if saved.get("grid") == grid:
+                    return saved
+            return None
+
+        saved = distributed.on_main(cached)
+        if saved is not None:
+            return saved
         start = time.perf_counter()
         result = likelihood_across_T(
             runs, priors, dataset.test[: s["n_likelihood"]], ("elbo", "nll"), eps=runs[s["T_grid"][0]].sde.eps,
             dequant_repeats=s["dequant_repeats"], n_t=s["n_t"], n_prior=s["n_prior"], rtol=s["tol"], atol=s["tol"],
             divergence=s["divergence"], seed=self.config["seed"], elbo_design=s["elbo_design"],
-            n_nll=s["n_pfode"], progress=self.progress)
-        buf = io.BytesIO()
-        np.savez(buf, Ts=np.array(result.Ts), priors=np.array(result.priors), **result.per_example)
-        atomic_write_bytes(arrays, buf.getvalue())
+            n_nll=s["n_pfode"], progress=self.progress, shard=True)
+        if distributed.is_main():
+            buf = io.BytesIO()
+            np.savez(buf, Ts=np.array(result.Ts), priors=np.array(result.priors), **result.per_example)
+            atomic_write_bytes(arrays, buf.getvalue())
         record = {"grid": grid, "elbo_design": result.elbo_design, "one_solve": result.one_solve,
                   "wall_s": time.perf_counter() - start,
                   "cells": {f"{T:g}": result.summaries[T] for T in result.Ts},
                   "paired": paired_likelihood(result, max(s["T_grid"]))}
-        save_json(path, record)
+        if distributed.is_main():
+            save_json(path, record)
         return record
 
     def _cell(self, T: float, eps: float, family: str, prior, prior_info: dict[str, Any],
@@ -236,12 +299,15 @@ class Study:
         assert grid_samples is not None
         samples, sampler, nfe = grid_samples
         name = cell_name(T, family)
-        buf = io.BytesIO()
-        np.savez(buf, samples=samples, T=T, eps=sample_eps, prior=family, sampler=sampler, nfe=nfe, seed=seed)
         artifacts = {"samples": f"samples/{name}.npz"}
-        atomic_write_bytes(self.out / artifacts["samples"], buf.getvalue())
         if dataset.is_image or samples.shape[-1] == 2:
             artifacts["grid"] = f"samples/{name}.png"
+        if not distributed.is_main():  # rank 0 writes; its record is the cell's on every rank
+            return distributed.on_main(dict)
+        buf = io.BytesIO()
+        np.savez(buf, samples=samples, T=T, eps=sample_eps, prior=family, sampler=sampler, nfe=nfe, seed=seed)
+        atomic_write_bytes(self.out / artifacts["samples"], buf.getvalue())
+        if "grid" in artifacts:
             save_samples_figure(samples[: s["grid_images"]] if dataset.is_image else samples,
                                 self.out / artifacts["grid"], title=f"T={T:g}, {family} prior, {sampler}, NFE={nfe}")
         wall["sampling_s"] = sum(r["sample_wall_s"] for r in sampling)
@@ -251,7 +317,7 @@ class Study:
                 "T_train": run.config["config"]["train"]["T"], "prior_info": prior_info, "likelihood": likelihood,
                 "sampling": sampling, "wall": wall, "artifacts": artifacts}
         save_json(self.out / "cells" / f"{name}.json", cell)
-        return cell
+        return distributed.on_main(lambda: cell)
 
     def _sampling_record(self, run, prior, T: float, family: str, sampler: str, budget: str, steps: int,
                          target_nfe: int | None, method: str | None, dataset) -> tuple[dict[str, Any], np.ndarray]:
@@ -267,11 +333,12 @@ class Study:
                       "grid_wall_s": grid.info["wall_s"]}
         samples, nfe, sample_wall = draw_samples(run, prior, T, sampler, steps, s["n_samples"],
                                                  seed=self.config["seed"], eps=s["sample_eps"],
-                                                 precision=s["sample_precision"], **options)
+                                                 precision=s["sample_precision"], batch=s["sample_batch"],
+                                                 shard=True, **options)
         if target_nfe is not None and nfe != target_nfe:
             raise DifftimeError(f"{sampler} with {steps} steps spent {nfe} NFE, not the budget {target_nfe}")
         start = time.perf_counter()
-        quality = self._quality(samples, dataset)
+        quality = self._quality(samples, dataset) if distributed.is_main() else None  # metrics on rank 0
         return {"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe, **record, "eps": s["sample_eps"],
                 "denoise": True, "n": s["n_samples"], "precision": s["sample_precision"],
                 "sample_wall_s": sample_wall, "metrics_wall_s": time.perf_counter() - start,
@@ -291,22 +358,39 @@ class Study:
             cell["sampling"].append(record)
             cell["wall"]["sampling_s"] += record["sample_wall_s"]
             cell["wall"]["quality_metrics_s"] += record["metrics_wall_s"]
-        if missing:
+        if missing and distributed.is_main():
             save_json(path, cell)
-        return cell
+        return distributed.on_main(lambda: cell)
+
+    def _grid_path(self, T: float, family: str, sampler: str, nfe: int, method: str) -> Path:
+        return self.out / "grids" / f"{cell_name(T, family)}-{sampler}-{nfe}-{method}.json"
+
+    def _optimize_grids(self, runs: dict[float, Any], priors: dict[float, dict[str, Any]]) -> None:
+        """Every optimized grid the frontier needs and grids/ lacks, dealt to the ranks (grid k to rank
+        k mod world size) and written by rank 0."""
+        s = self.settings
+        wanted = [(T, family, sampler, nfe, method) for T in s["T_grid"] for family in s["priors"]
+                  for sampler in s["frontier_samplers"] for nfe, _ in s["frontier_steps"][sampler]
+                  for method in s["frontier_grids"]]
+        missing = distributed.on_main(lambda: [key for key in wanted if not self._grid_path(*key).is_file()])
+
+        def optimize(k: int) -> TimeGrid:
+            T, family, sampler, nfe, method = missing[k]
+            return optimize_grid(runs[T], priors[T][family], T, sampler, nfe, method, eps=s["sample_eps"],
+                                 seed=self.config["seed"], precision=s["sample_precision"])
+
+        grids = distributed.deal(len(missing), optimize)
+        if distributed.is_main():
+            for key, grid in zip(missing, grids, strict=True):
+                self._grid_path(*key).parent.mkdir(parents=True, exist_ok=True)
+                grid.save(self._grid_path(*key), overwrite=True)  # only an unfinished earlier attempt can be there
+        distributed.barrier()  # every grid is on disk before any rank reads one
 
     def _optimized_grid(self, run, prior, T: float, family: str, sampler: str, nfe: int,
                         method: str) -> tuple[TimeGrid, Path]:
-        """The ``method`` grid of (T, prior, sampler, NFE), optimized once and kept in grids/."""
-        s = self.settings
-        path = self.out / "grids" / f"{cell_name(T, family)}-{sampler}-{nfe}-{method}.json"
-        if path.is_file():
-            return TimeGrid.load(path, run.sde), path
-        grid = optimize_grid(run, prior, T, sampler, nfe, method, eps=s["sample_eps"], seed=self.config["seed"],
-                             precision=s["sample_precision"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path, overwrite=True)  # only an unfinished earlier attempt can be there
-        return grid, path
+        """The ``method`` grid of (T, prior, sampler, NFE), from grids/ (``_optimize_grids``)."""
+        path = self._grid_path(T, family, sampler, nfe, method)
+        return TimeGrid.load(path, run.sde), path
 
     def _fid_headline(self, cells: list[dict[str, Any]], runs: dict[float, Any], priors: dict[float, dict[str, Any]],
                       dataset, T_ref: float) -> dict[str, Any] | None:
@@ -330,7 +414,6 @@ class Study:
         frontier = quality_frontier(cells, metric, s["nfe_budgets"], T_ref)
         scored: dict[str, dict[str, Any]] = {}
         rows = []
-        options = {} if s["spacing"] == "auto" else {"spacing": s["spacing"]}
         for entry in frontier:
             row: dict[str, Any] = {"budget": entry["budget"], "selected_by": metric}
             for side in ("best", "reference"):
@@ -339,35 +422,7 @@ class Study:
                     continue
                 name = _fid_name(c)
                 if name not in scored:
-                    path = self.out / "fid" / f"{name}.json"
-                    saved = read_json_file(path, "FID record") if path.is_file() else None
-                    if (saved is not None and saved.get("n") == n and saved.get("seed") == held_out
-                            and len(saved["fid"].get("replicates", [])) == boot and metric in saved):
-                        scored[name] = saved
-                    else:  # new, or scored at another study.fid_headline / bootstrap / seed
-                        grid_options = ({"ts": TimeGrid.load(self.out / c["grid_file"]).ts} if c.get("grid_file")
-                                        else options)
-                        samples, nfe, wall = draw_samples(runs[c["T"]], priors[c["T"]][c["prior"]], c["T"],
-                                                          c["sampler"], c["steps"], n, seed=held_out,
-                                                          eps=s["sample_eps"], precision=s["sample_precision"],
-                                                          **grid_options)
-                        t0 = time.perf_counter()
-                        fid = quality_metrics(samples, dataset.name, ("fid",), n_reference=n,
-                                              reference_split=self._splits(dataset)[0], seed=self.config["seed"],
-                                              progress=self.progress, bootstrap=boot)["fid"]
-                        held_out_metric = quality_metrics(samples, dataset.name, (metric,),
-                                                          reference_split=self._splits(dataset)[0],
-                                                          seed=self.config["seed"], progress=False,
-                                                          bootstrap=s["bootstrap"])[metric]
-                        grid = f"fid/{name}.png"
-                        save_samples_figure(samples[: s["grid_images"]], self.out / grid,
-                                            title=f"T={c['T']:g}, {c['prior']} prior, {c['sampler']}, NFE={nfe}")
-                        scored[name] = {"configuration": {k: c.get(k) for k in ("T", "prior", "sampler", "steps", "nfe",
-                                                                                "spacing", "grid_file")},
-                                        "nfe": nfe, "n": n, "seed": held_out, "fid": fid, metric: held_out_metric,
-                                        "sample_wall_s": wall,
-                                        "fid_wall_s": time.perf_counter() - t0, "grid": grid}
-                        save_json(path, scored[name])
+                    scored[name] = self._headline_scores(c, name, n, boot, metric, runs, priors, dataset)
                 fid, fresh = scored[name]["fid"], scored[name][metric]
                 row[side] = {**scored[name]["configuration"], "fid": fid["value"], "fid_se": fid.get("se"),
                              f"selection_{metric}": c["value"], metric: fresh["value"],
@@ -384,29 +439,70 @@ class Study:
                 "bootstrap": boot, "work_s": sum(r["sample_wall_s"] + r["fid_wall_s"] for r in scored.values()),
                 "wall_s": time.perf_counter() - start}
 
+    def _headline_scores(self, c: dict[str, Any], name: str, n: int, boot: int, metric: str, runs, priors,
+                         dataset) -> dict[str, Any]:
+        """One headline configuration's fresh draws (shared among the ranks) and their scores (on
+        rank 0), cached in fid/ and given to every rank."""
+        s = self.settings
+        held_out = headline_seed(self.config["seed"])
+        path = self.out / "fid" / f"{name}.json"
+
+        def cached() -> dict[str, Any] | None:
+            saved = read_json_file(path, "FID record") if path.is_file() else None
+            if (saved is not None and saved.get("n") == n and saved.get("seed") == held_out
+                    and len(saved["fid"].get("replicates", [])) == boot and metric in saved):
+                return saved
+            return None  # new, or scored at another study.fid_headline / bootstrap / seed
+
+        saved = distributed.on_main(cached)
+        if saved is not None:
+            return saved
+        options = ({"ts": TimeGrid.load(self.out / c["grid_file"]).ts} if c.get("grid_file")
+                   else {} if s["spacing"] == "auto" else {"spacing": s["spacing"]})
+        samples, nfe, wall = draw_samples(runs[c["T"]], priors[c["T"]][c["prior"]], c["T"], c["sampler"], c["steps"],
+                                          n, seed=held_out, eps=s["sample_eps"], precision=s["sample_precision"],
+                                          batch=s["sample_batch"], shard=True, **options)
+        if not distributed.is_main():  # rank 0 scores and writes; its record reaches every rank
+            return distributed.on_main(dict)
+        start = time.perf_counter()
+        reference = self._splits(dataset)[0]
+        fid = quality_metrics(samples, dataset.name, ("fid",), n_reference=n, reference_split=reference,
+                              seed=self.config["seed"], progress=self.progress, bootstrap=boot)["fid"]
+        fresh = quality_metrics(samples, dataset.name, (metric,), reference_split=reference, seed=self.config["seed"],
+                                progress=False, bootstrap=s["bootstrap"])[metric]
+        grid = f"fid/{name}.png"
+        save_samples_figure(samples[: s["grid_images"]], self.out / grid,
+                            title=f"T={c['T']:g}, {c['prior']} prior, {c['sampler']}, NFE={nfe}")
+        record = {"configuration": {k: c.get(k) for k in ("T", "prior", "sampler", "steps", "nfe", "spacing",
+                                                           "grid_file")},
+                  "nfe": nfe, "n": n, "seed": held_out, "fid": fid, metric: fresh, "sample_wall_s": wall,
+                  "fid_wall_s": time.perf_counter() - start, "grid": grid}
+        save_json(path, record)
+        return distributed.on_main(lambda: record)
+
     # --- the whole study ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Measure every missing cell and write the report, holding the study directory's lock."""
         if self.out.exists() and not self.out.is_dir():
             raise DifftimeError(f"{self.out} exists and is not a directory; choose a new --out")
         self.out.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(self.out / LOCK_FILE, f"study {self.out}"):
+        self.progress = self.progress and distributed.is_main()
+        with contextlib.ExitStack() as lock:  # held by rank 0, the one writer of the study directory
+            distributed.on_main(lambda: lock.enter_context(exclusive_lock(self.out / LOCK_FILE, f"study {self.out}"))
+                                and None)
             return self._run()
 
     def _run(self) -> dict[str, Any]:
-        self._claim_directory()
+        distributed.on_main(self._claim_directory)
         s = self.settings
         run_dirs = self._run_dirs()
         start_all = time.perf_counter()
         dataset = load_data(self.config["data"], seed=self.config["seed"])
-        training: dict[str, Any] = {}
-        if self.pretrained is None:
-            for T, run_dir in run_dirs.items():
-                if str(run_dir) not in training:
-                    T_train = self.config["train"]["T"] if s["mode"] == "truncate" else T
-                    training[str(run_dir)] = self._train(run_dir, T_train, dataset)
-
-        floor = self._data_floor(dataset)
+        clock = _StageClock()
+        training = self._train_all(run_dirs, dataset) if self.pretrained is None else {}
+        clock.lap("training")
+        floor = distributed.on_main(lambda: self._data_floor(dataset))
+        clock.lap("data floor")
         T_ref = max(s["T_grid"])
         sweep = sorted({steps_for_horizon(T, s["steps_per_unit_time"]) for T in s["T_grid"] if T < T_ref})
         cells = [(T, family) for T in s["T_grid"] for family in s["priors"]]
@@ -417,28 +513,29 @@ class Study:
                                     f"but the study's data is {dataset.name!r}")
         runs = {T: loaded[run_dirs[T]] for T in s["T_grid"]}
         # Every prior first: the likelihood stage pairs all cells, so it needs them all.
-        priors: dict[float, dict[str, Any]] = {}
-        prior_info: dict[tuple[float, str], dict[str, Any]] = {}
-        for T in s["T_grid"]:
-            priors[T] = {}
-            for family in s["priors"]:
-                start = time.perf_counter()
-                priors[T][family], info = self._prior(runs[T], family, T, dataset)
-                prior_info[T, family] = {**info, "wall_s": time.perf_counter() - start}
+        priors, prior_info = self._priors(runs, dataset)
+        clock.lap("prior fits")
         likelihood = self._likelihood(runs, priors, dataset)
+        clock.lap("likelihood")
         # The model's own marginal at T is N(0, I) at T_max carried down by its PF-ODE, which needs a
         # network trained up to T_max: per-T runs stop at their T, so they have no headroom.
-        headroom = ([self._headroom(runs[T], priors[T], T, dataset) for T in s["T_grid"]]
-                    if s["headroom_n"] and s["mode"] == "truncate" else [])
+        headroom = distributed.on_main(lambda: [self._headroom(runs[T], priors[T], T, dataset) for T in s["T_grid"]]
+                                       if s["headroom_n"] and s["mode"] == "truncate" else [])
+        clock.lap("prior headroom")
+        if s["frontier_grids"]:
+            self._optimize_grids(runs, priors)
+        clock.lap("grid optimization")
         by_cell: dict[tuple[float, str], dict[str, Any]] = {}
         bar = tqdm(total=len(cells), desc="study", unit="cell", disable=not self.progress, position=0)
         with bar:
             for T, family in cells:
                 path = self.out / "cells" / f"{cell_name(T, family)}.json"
-                if path.is_file():
+                saved = distributed.on_main(lambda path=path: read_json_file(path, "study cell")
+                                            if path.is_file() else None)
+                if saved is not None:
                     # The likelihood stage is the source of a cell's likelihood figures (it may have been
                     # recomputed for a changed grid since the cell was written).
-                    cell = {**read_json_file(path, "study cell"), "likelihood": likelihood["cells"][f"{T:g}"][family]}
+                    cell = {**saved, "likelihood": likelihood["cells"][f"{T:g}"][family]}
                     if s["frontier_grids"]:
                         bar.set_postfix_str(f"T={T:g} {family} grids")
                         cell = self._add_grid_records(path, cell, runs[T], priors[T][family], dataset)
@@ -453,13 +550,17 @@ class Study:
                                                     likelihood["cells"][f"{T:g}"][family], wall, run, dataset,
                                                     sweep if T == T_ref and family == "standard" else [])
                 bar.update(1)
+        clock.lap("cells (sampling and quality metrics)")
         results = [by_cell[key] for key in cells]
         fid_headline = self._fid_headline(results, runs, priors, dataset, T_ref) if s["fid_headline"] else None
+        clock.lap("headline")
         summary = {"config": self.config, "settings": s, "run": self.pretrained, "training": training,
                    "data_floor": floor, "likelihood_paired": likelihood["paired"], "headroom": headroom,
                    "elbo_design": likelihood["elbo_design"], "likelihood_wall_s": likelihood["wall_s"],
                    "versions": versions(), "cells": results, "T_ref": T_ref,
                    "n_cells": len(cells), "fid_headline": fid_headline,
-                   "wall_s_this_invocation": time.perf_counter() - start_all}
-        write_report(summary, self.out)
+                   "wall_s_this_invocation": time.perf_counter() - start_all,
+                   "processes": distributed.world_size(), "stage_wall_s": clock.laps}
+        if distributed.is_main():
+            write_report(summary, self.out)
         return summary

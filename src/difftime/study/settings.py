@@ -134,7 +134,7 @@ def study_settings(config: dict[str, Any]) -> dict[str, Any]:
     if s["sample_precision"] not in SAMPLE_PRECISIONS:
         raise DifftimeError(f"study.sample_precision must be one of {', '.join(SAMPLE_PRECISIONS)}, "
                             f"got {s['sample_precision']!r}")
-    for key in ("steps_per_unit_time", "n_samples", "n_likelihood", "n_t", "n_prior",
+    for key in ("steps_per_unit_time", "n_samples", "sample_batch", "n_likelihood", "n_t", "n_prior",
                 "dequant_repeats", "prior_steps", "prior_batch_size", "grid_images"):
         if s[key] < 1:
             raise DifftimeError(f"study.{key} must be >= 1, got {s[key]}")
