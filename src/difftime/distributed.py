@@ -5,7 +5,10 @@ A process is part of a group when torchrun's environment (WORLD_SIZE > 1, RANK, 
 says so; :func:`session` joins it with gloo on CPU and nccl on CUDA. Every rank computes the
 same global batch order and keeps its slice of each batch (:func:`shard`); gradients are
 averaged across ranks, so the parameters, the optimizer and the EMA stay identical on every
-rank, and rank 0 alone writes files. In one process every helper here is a no-op.
+rank, and rank 0 alone writes files. The study deals whole work items to the ranks instead
+(:func:`deal`: item k to rank k mod world size, results gathered in order on every rank), runs
+rank-0 work with :func:`on_main`, and gives a rank a whole item to do by itself within
+:func:`alone`. In one process every helper here is a no-op.
 """
 
 from __future__ import annotations

@@ -153,7 +153,10 @@ class ClassifierFeatures(nn.Module):
     def logits(self, images: Tensor) -> Tensor:
         return self.net(self._prepare(images))
 
-    def extract(self, images: Tensor, batch_size: int = 1000, progress: bool = True, desc: str = "") -> np.ndarray:
+    BATCH_SIZE = 1000  # images per network call; also the unit that torchrun's ranks share (metrics.quality)
+
+    def extract(self, images: Tensor, batch_size: int = BATCH_SIZE, progress: bool = True,
+                desc: str = "") -> np.ndarray:
         """Features of all ``images`` in batches, as float64 numpy (N, feature_dim)."""
         n = images.shape[0]
         out = np.empty((n, self.feature_dim), dtype=np.float64)

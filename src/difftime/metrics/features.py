@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from difftime import distributed
 from difftime.errors import DifftimeError
 from difftime.io import load_tensors, save_json, save_tensors
 
@@ -328,13 +329,16 @@ def reference_features(
     compute: Callable[[], np.ndarray],
     *,
     use_cache: bool = True,
+    shard: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Reference features, mean and covariance, from the cache or by ``compute()``.
 
     ``key_fields`` must name everything the features depend on (dataset spec, split, N, the
     extractor's name and hash, its preprocessing); its canonical JSON hashes to the file name.
     Entries are written atomically (safetensors + JSON) and checked by sha256 when read; an
-    entry that fails the check is recomputed and overwritten.
+    entry that fails the check is recomputed and overwritten. With ``shard`` (every torchrun rank
+    calling, ``compute`` shared among them) rank 0 decides whether the entry is usable, so every
+    rank computes or every rank reads, and rank 0 writes.
     """
     fields = {**key_fields, "format": CACHE_FORMAT}
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -343,18 +347,25 @@ def reference_features(
     base = cache_dir()
     tpath, jpath = base / f"{stem}.safetensors", base / f"{stem}.json"
     info = {"path": str(tpath), "hit": False, "key": key}
-    if use_cache and tpath.is_file() and jpath.is_file():
-        try:
-            meta = json.loads(jpath.read_text())
-            if meta.get("key") == key and meta.get("fields") == json.loads(json.dumps(fields)):
-                t = load_tensors(tpath, meta.get("sha256"))
-                info["hit"] = True
-                return t["features"].numpy().astype(np.float64), t["mu"].numpy(), t["sigma"].numpy(), info
-        except (OSError, ValueError):  # DifftimeError is a ValueError: a corrupt entry is recomputed
-            pass
+
+    def cached() -> dict[str, torch.Tensor] | None:
+        if use_cache and tpath.is_file() and jpath.is_file():
+            try:
+                meta = json.loads(jpath.read_text())
+                if meta.get("key") == key and meta.get("fields") == json.loads(json.dumps(fields)):
+                    return load_tensors(tpath, meta.get("sha256"))
+            except (OSError, ValueError):  # DifftimeError is a ValueError: a corrupt entry is recomputed
+                pass
+        return None
+
+    usable = distributed.on_main(lambda: cached() is not None) if shard else True
+    t = cached() if usable else None
+    if t is not None:
+        info["hit"] = True
+        return t["features"].numpy().astype(np.float64), t["mu"].numpy(), t["sigma"].numpy(), info
     feats = np.ascontiguousarray(compute(), dtype=np.float64)
     mu, sigma = feature_statistics(feats) if feats.shape[0] >= 2 else (feats.mean(0), np.zeros((0, 0)))
-    if use_cache:
+    if use_cache and (not shard or distributed.is_main()):
         try:
             f32 = feats.astype(np.float32)  # extractors emit float32, so this is usually exact
             stored = f32 if np.array_equal(f32.astype(np.float64), feats) else feats

@@ -151,7 +151,10 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.net(to_inception_input(images, self.levels))
 
-    def extract(self, images: Tensor, batch_size: int = 25, progress: bool = True, desc: str = "") -> np.ndarray:
+    BATCH_SIZE = 25  # images per network call; also the unit that torchrun's ranks share (metrics.quality)
+
+    def extract(self, images: Tensor, batch_size: int = BATCH_SIZE, progress: bool = True,
+                desc: str = "") -> np.ndarray:
         """Features of all ``images`` in batches (with a tqdm bar), as float64 numpy (N, 2048)."""
         n = images.shape[0]
         out = np.empty((n, FEATURE_DIM), dtype=np.float64)

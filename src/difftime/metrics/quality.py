@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difftime import distributed
 from difftime.errors import DifftimeError
 from difftime.metrics.classifier import CLASSIFIER_DATASETS, load_classifier
 from difftime.metrics.features import (
@@ -92,6 +93,17 @@ def _extractor_record(ex: Any) -> dict[str, Any]:
     return rec
 
 
+def _extract(ex: Any, images: Tensor, shard: bool, progress: bool, desc: str) -> np.ndarray:
+    """``ex.extract(images)``; with ``shard`` its batches dealt to torchrun's ranks (each batch the
+    one a single process computes, so the features are the same) and gathered on every rank."""
+    if not shard or distributed.world_size() == 1:
+        return ex.extract(images, progress=progress, desc=desc)
+    size = ex.BATCH_SIZE
+    starts = range(0, len(images), size)
+    return np.concatenate(distributed.deal(len(starts), lambda k: ex.extract(images[starts[k]:starts[k] + size],
+                                                                              progress=False)))
+
+
 def quality_metrics(
     samples: np.ndarray | Tensor,
     dataset_spec: str,
@@ -105,6 +117,7 @@ def quality_metrics(
     inception_path: str | None = None,
     use_cache: bool = True,
     bootstrap: int = 0,
+    shard: bool = False,
 ) -> dict[str, Any]:
     """Compare data-space ``samples`` with the ``reference_split`` of ``dataset_spec``.
 
@@ -119,7 +132,9 @@ def quality_metrics(
     resampled with ``bootstrap_counts(n, bootstrap, seed)``, the reference fixed) and their sd as
     ``se``; kid's value is then the full U-statistic over all pairs. The counts depend only on
     (n, bootstrap, seed), so two sample sets whose rows share x_T seeds get paired replicates, and
-    ``difftime.stats.replicate_difference`` turns two entries into a paired interval.
+    ``difftime.stats.replicate_difference`` turns two entries into a paired interval. With
+    ``shard`` under torchrun, every rank calls this with the same arguments and the feature
+    extraction's batches are dealt to the ranks: the same features, and the same result on every rank.
 
     ``samples`` are data-space: integer levels (N, C, H, W) for images (``dataset.scaler.decode``
     of model-space samples), real vectors (N, d) otherwise. ``metrics`` names some of ``METRICS``:
@@ -231,9 +246,9 @@ def quality_metrics(
         key = {"dataset": dataset_spec, "split": reference_split, "n": n_ref, "subset": subset,
                "data_sha256": ref_sha, "extractor": ex.name, "extractor_sha256": ex.sha256, **key_extra}
         ref_feats, mu_r, sigma_r, info = reference_features(
-            key, lambda ex=ex, space=space: ex.extract(ref, progress=progress, desc=f"{space} features: reference"),
-            use_cache=use_cache)
-        fx = ex.extract(x, progress=progress, desc=f"{space} features: samples")
+            key, lambda ex=ex, space=space: _extract(ex, ref, shard, progress, f"{space} features: reference"),
+            use_cache=use_cache, shard=shard)
+        fx = _extract(ex, x, shard, progress, f"{space} features: samples")
         rec = {**_extractor_record(ex), **sizes}
         for m in names:
             if m in ("fid", "fd"):

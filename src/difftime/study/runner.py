@@ -167,11 +167,13 @@ class Study:
             ref = "train" if len(dataset.train) >= len(dataset.test) else "test"
         return ref, "test" if ref == "train" else "train"
 
-    def _quality(self, samples: np.ndarray, dataset) -> dict[str, Any]:
+    def _quality(self, samples: np.ndarray, dataset, shard: bool = True) -> dict[str, Any]:
+        """The quality metrics of one sample set; with ``shard`` every rank calls this and the feature
+        extraction is shared among them."""
         s = self.settings
         return quality_metrics(samples, dataset.name, quality_metric_names(s, dataset.is_image),
                                reference_split=self._splits(dataset)[0], seed=self.config["seed"], progress=False,
-                               bootstrap=s["bootstrap"])
+                               bootstrap=s["bootstrap"], shard=shard)
 
     def _data_floor(self, dataset) -> dict[str, Any]:  # on rank 0 (metrics)
         """Held-out real examples scored exactly as a cell's samples are (the same n, reference,
@@ -190,7 +192,7 @@ class Study:
                                 f"floor is scored on; lower --n-samples or set study.reference_split")
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.config["seed"]))
         floor = {"n_samples": n, "split": held_out, "reference_split": ref,
-                 "quality": self._quality(pool[order[:n]].numpy(), dataset)}
+                 "quality": self._quality(pool[order[:n]].numpy(), dataset, shard=False)}
         save_json(path, floor)
         return floor
 
@@ -338,7 +340,7 @@ class Study:
         if target_nfe is not None and nfe != target_nfe:
             raise DifftimeError(f"{sampler} with {steps} steps spent {nfe} NFE, not the budget {target_nfe}")
         start = time.perf_counter()
-        quality = self._quality(samples, dataset) if distributed.is_main() else None  # metrics on rank 0
+        quality = self._quality(samples, dataset)
         return {"sampler": sampler, "budget": budget, "steps": steps, "nfe": nfe, **record, "eps": s["sample_eps"],
                 "denoise": True, "n": s["n_samples"], "precision": s["sample_precision"],
                 "sample_wall_s": sample_wall, "metrics_wall_s": time.perf_counter() - start,
@@ -441,8 +443,8 @@ class Study:
 
     def _headline_scores(self, c: dict[str, Any], name: str, n: int, boot: int, metric: str, runs, priors,
                          dataset) -> dict[str, Any]:
-        """One headline configuration's fresh draws (shared among the ranks) and their scores (on
-        rank 0), cached in fid/ and given to every rank."""
+        """One headline configuration's fresh draws and their scores (both shared among the ranks),
+        cached in fid/ and given to every rank."""
         s = self.settings
         held_out = headline_seed(self.config["seed"])
         path = self.out / "fid" / f"{name}.json"
@@ -462,14 +464,14 @@ class Study:
         samples, nfe, wall = draw_samples(runs[c["T"]], priors[c["T"]][c["prior"]], c["T"], c["sampler"], c["steps"],
                                           n, seed=held_out, eps=s["sample_eps"], precision=s["sample_precision"],
                                           batch=s["sample_batch"], shard=True, **options)
-        if not distributed.is_main():  # rank 0 scores and writes; its record reaches every rank
-            return distributed.on_main(dict)
         start = time.perf_counter()
         reference = self._splits(dataset)[0]
         fid = quality_metrics(samples, dataset.name, ("fid",), n_reference=n, reference_split=reference,
-                              seed=self.config["seed"], progress=self.progress, bootstrap=boot)["fid"]
+                              seed=self.config["seed"], progress=self.progress, bootstrap=boot, shard=True)["fid"]
         fresh = quality_metrics(samples, dataset.name, (metric,), reference_split=reference, seed=self.config["seed"],
-                                progress=False, bootstrap=s["bootstrap"])[metric]
+                                progress=False, bootstrap=s["bootstrap"], shard=True)[metric]
+        if not distributed.is_main():  # rank 0 writes; its record reaches every rank
+            return distributed.on_main(dict)
         grid = f"fid/{name}.png"
         save_samples_figure(samples[: s["grid_images"]], self.out / grid,
                             title=f"T={c['T']:g}, {c['prior']} prior, {c['sampler']}, NFE={nfe}")
