@@ -504,3 +504,25 @@ def test_bad_resolution_settings_are_one_line_errors(tmp_path, capsys, key, valu
     assert main(["study", "--preset", "digits", "--config", str(config), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_compare_puts_committed_studies_side_by_side(capsys):
+    """`python -m difftime.study.compare` reads each study's results.json: its verdicts and intervals
+    appear under each study, and a directory without results is one line, exit 2."""
+    from difftime.study.compare import main as compare
+
+    root = Path(__file__).resolve().parents[1] / "docs"
+    assert compare([str(root / "digits-per-T"), str(root / "mnist-study")]) == 0
+    page = capsys.readouterr().out
+    header, _, *rows = [line for line in page.splitlines() if line.startswith("|")]
+    assert "`digits-per-T` (per-T, digits)" in header and "`mnist-study` (truncate, mnist)" in header
+    for d in ("digits-per-T", "mnist-study"):
+        r = json.loads((root / d / "results.json").read_text())
+        claim = next(c for c in r["analyses"]["claims"] if c["name"] == "finite_best_T")
+        best = claim["numbers"]["per_metric"]["elbo"]["best_T"]
+        assert f"**{claim['verdict']}**: ELBO: best T {best:g}" in page
+    se = next(row for row in rows if "adjacent-T difference, PF-ODE" in row)
+    adjacent = json.loads((root / "mnist-study" / "results.json").read_text())["likelihood_paired"]["metrics"]["nll"]
+    assert f"{max(a['se'] for a in adjacent['adjacent']):.4f}" in se
+    assert compare([str(root)]) == 2
+    assert "has no results.json" in capsys.readouterr().err
