@@ -126,13 +126,36 @@ def rows_of(cases: list[dict[str, Any]]) -> list[dict]:
     return rows
 
 
+def section(result: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section: every solve of every case, and the loosest tolerance that is enough."""
+    lines = ["## PF-ODE tolerance for the study's paired differences", "",
+             "From `benchmarks/likelihood_tolerance.py` (not part of `make bench`). Errors are against a float64 "
+             "dopri5 solve in log-SNR, in bits/dim; 'se' is the paired standard error of the same differences at "
+             f"the study's n; a tolerance is enough when the solver's error is below {ENOUGH:g} se.", ""]
+    for c in result["cases"]:
+        ref = c["reference"]
+        lines += [f"**{c['case']}**, {c['n']} test examples, T = {', '.join(f'{t:g}' for t in c['Ts'])} in one "
+                  f"solve; reference tol {ref['tol']:g} ({ref['nfe']} NFE); se at n = {c['n_study']}: adjacent "
+                  f"{max(c['se_adjacent']):.1e}, to T = 1 {max(c['se_to_T1']):.1e}. Loosest tolerance that is "
+                  "enough: " + ", ".join(f"{k} {v:g}" if v else f"{k} none" for k, v in c["loosest_enough_tol"].items())
+                  + ".", "",
+                  "| solver | tol | NFE | wall s | max abs error at T=1 | error of mean adjacent difference | "
+                  "/ se | error of mean difference to T=1 | / se |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in c["rows"]:
+            lines.append(f"| {r['method']} in {r['variable']} | {r['tol']:g} | {r['nfe']} | {r['wall_s']:.1f} | "
+                         f"{r['abs_err_max_T1']:.1e} | {r['diff_err_adjacent']:.1e} | {r['ratio_adjacent']:.3f} | "
+                         f"{r['diff_err_to_T1']:.1e} | {r['ratio_to_T1']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=64, help="digits test examples")
+    parser.add_argument("--n", type=int, default=32, help="digits test examples")
     parser.add_argument("--n-study", type=int, default=200, help="examples of the study's PF-ODE (the se's n)")
-    parser.add_argument("--ref-tol", type=float, default=1e-8)
+    parser.add_argument("--ref-tol", type=float, default=1e-6)
     parser.add_argument("--run28", help="a trained 28x28 run (e.g. runs/mnist-cpu); skipped when not given")
-    parser.add_argument("--n28", type=int, default=24)
-    parser.add_argument("--ref-tol28", type=float, default=1e-7)
+    parser.add_argument("--n28", type=int, default=12)
+    parser.add_argument("--ref-tol28", type=float, default=1e-6)
     parser.add_argument("--rescore", type=Path, help="a stored result: recompute its rows only")
 
 

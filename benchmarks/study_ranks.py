@@ -113,6 +113,28 @@ def project(study: Path, ranks: tuple[int, ...] = (1, 2, 4, 8, 16), sample_batch
                            for n in ranks]}
 
 
+def section(result: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section: the two runs stage by stage and the projections."""
+    lines = ["## The study across processes", "",
+             "From `benchmarks/study_ranks.py` (not part of `make bench`): a reduced per-T digits study run by one "
+             "process at 2 threads and by `torchrun --nproc_per_node 2` at 1 thread per rank, one after the other.", ""]
+    if "stage_wall_s" in result:
+        a, b = result["stage_wall_s"]["1x2"], result["stage_wall_s"]["2x1"]
+        lines += ["| stage | 1 process x 2 threads, s | 2 ranks x 1 thread, s | ratio |", "|---|---|---|---|"]
+        lines += [f"| {k} | {a[k]:.1f} | {b[k]:.1f} | {b[k] / a[k]:.2f} |" for k in a if a[k] > 1.0]
+        lines += [f"| whole command | {result['wall_s']['1x2']:.1f} | {result['wall_s']['2x1']:.1f} | "
+                  f"{result['wall_s']['2x1'] / result['wall_s']['1x2']:.2f} |", "",
+                  f"Samples and per-example likelihoods identical across the two: {result['identical']}.", ""]
+    for key, what in (("projection", "Inception FID serial"), ("projection_inception_shared", "Inception features "
+                      "shared"), ("projection_sample_batch_125", "Inception shared and study.sample_batch 125")):
+        p = result[key]
+        lines.append(f"Projected from `{p['study']}` ({what}; serial fraction {p['serial_fraction']:.2f}): "
+                     + ", ".join(f"{q['ranks']} ranks {q['time_s'] / 60:.0f} min (x{q['speedup']:.2f})"
+                                 for q in p["projection"]) + ".")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", type=Path, default=HERE.parent / "docs" / "mnist-study",
                         help="the study directory whose stage times are projected onto N ranks")

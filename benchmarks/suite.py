@@ -21,7 +21,7 @@ from difftime.io import atomic_write_bytes
 # Order matters only for the first run: sampler_overhead trains the cached model, peer_samplers fits its priors.
 BENCHMARKS = ("train_step", "sampler_overhead", "likelihood", "peer_samplers", "memory", "metrics")
 # Reported in BENCHMARKS.md from their results file, but run on their own (too long for `make bench`).
-REPORTED = ("mnist_frontier",)
+REPORTED = ("mnist_frontier", "likelihood_tolerance", "study_ranks")
 REPORT = HERE.parent / "BENCHMARKS.md"
 # What the allocator setting of `difftime.allocator` rests on (measured once, by hand; not rerun here).
 ALLOCATOR_NOTE = (
@@ -71,6 +71,9 @@ def report(suite: dict) -> str:
                   "The 28x28 rows come from `benchmarks/mnist_frontier.py` (about two hours at one thread, so not "
                   "part of `make bench`); its report, with the selection table of every method family, the grid "
                   "optimization costs and sample grids, is [docs/mnist-frontier](docs/mnist-frontier/report.md)."]
+    for name in ("likelihood_tolerance", "study_ranks"):
+        if name in found:
+            lines += ["", importlib.import_module(name).section(found[name]).rstrip()]
     lines += ["", "## Runs", "", "The allocator column is the process setting of `difftime.allocator` "
               "(the `difftime` command applies it too). " + ALLOCATOR_NOTE, "",
               "| benchmark | finished | wall | threads | allocator | load average |",

@@ -32,3 +32,30 @@ def test_equal_error_wall_without_a_bracket_is_none():
     assert equal_error_wall(ladder, 5e-3) is None  # its loosest step was already more accurate
     # exactly the loosest step's error: bracketed by it and the next, at position 0
     assert math.isclose(equal_error_wall(ladder, 1e-3 - 1e-12)["position"], 0.0, abs_tol=1e-6)
+
+
+def test_study_ranks_projection_is_amdahl_per_stage(tmp_path):
+    """A study with 100 s of sampling in 4 batches, 60 s of likelihood in 2 batches and 40 s of
+    serial metrics: time(N) = 40 + 100 / min(N, 4) + 60 / min(N, 2), and the headline's Inception
+    time moves between the serial and the shared parts."""
+    import json
+
+    from study_ranks import project
+
+    cells = [{"prior_info": {"fitted_now": False}, "wall": {"prior_fit_s": 0.0, "sampling_s": 50.0,
+                                                           "quality_metrics_s": 20.0}} for _ in range(2)]
+    results = {"settings": {"mode": "truncate", "n_likelihood": 128, "n_samples": 2000, "sample_batch": 500,
+                            "fid_headline": 50},
+               "cells": cells, "training": {}, "likelihood_wall_s": 60.0, "headroom": []}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "fid").mkdir()
+    (tmp_path / "fid" / "a.json").write_text(json.dumps({"sample_wall_s": 0.0, "fid_wall_s": 10.0}))
+    p = project(tmp_path, ranks=(1, 2, 4, 8))
+    times = {q["ranks"]: q["time_s"] for q in p["projection"]}
+    for n, t in times.items():
+        assert t == pytest.approx(50 + 100 / min(n, 4) + 60 / min(n, 2), abs=0.1)
+    assert p["serial_fraction"] == pytest.approx(50 / 210)
+    shared = {q["ranks"]: q["time_s"] for q in project(tmp_path, ranks=(1, 2), inception_shared=True)["projection"]}
+    assert shared[1] == pytest.approx(times[1], abs=0.1) and shared[2] == pytest.approx(times[2] - 5, abs=0.1)
+    more = {q["ranks"]: q["time_s"] for q in project(tmp_path, ranks=(8,), sample_batch=125)["projection"]}
+    assert more[8] == pytest.approx(50 + 100 / 8 + 60 / 2, abs=0.1)
