@@ -72,17 +72,9 @@ x0_hats of the previous steps (multistep: one network call per step):
         x_t = (sigma_t/sigma_s) e^{-h} x_s + m_t (1 - e^{-2h}) (D0 + D1/2) + sigma_t sqrt(1 - e^{-2h}) z,
     with D1 as in 2M (D1 = 0 at order 1), the same warm-up and final-order rules, z ~ N(0, I) from
     ``generator``.
-  - ``ipndm``: improved PNDM (Zhang & Chen 2023) in x_tilde = x/m against sigma_tilde, where the
-    PF-ODE is dx_tilde/dsigma_tilde = eps_hat(x, t). An Adams-Bashforth step on the stored eps_hats
-    e_i, e_{i-1}, ... at order min(4, i + 1) (warm-up 1, 2, 3):
-        x_tilde_{i+1} = x_tilde_i + (sigma_tilde_{i+1} - sigma_tilde_i) sum_j b_j e_{i-j},
-    in x: x_{i+1} = (m_{i+1}/m_i) x_i + m_{i+1} (sigma_tilde_{i+1} - sigma_tilde_i) sum_j b_j e_{i-j}.
-    On a grid uniform in sigma_tilde the b_j are (1), (3, -1)/2, (23, -16, 5)/12 and
-    (55, -59, 37, -9)/24. On any other grid (the log-SNR grid is geometric in sigma_tilde) these fixed
-    weights make the method second order only, so by default (``variable_step=True``) the b_j are the
-    Adams-Bashforth weights of the actual nodes: the integral over the step of the polynomial through
-    the stored (sigma_tilde, eps_hat) pairs, divided by the step. ``variable_step=False`` keeps the
-    fixed weights (k-diffusion's ``sample_ipndm``). The first step takes the corrected start above.
+  - ``ipndm``: improved PNDM (Zhang & Chen 2023): Adams-Bashforth of order min(4, i + 1) on the
+    stored eps_hats in x_tilde = x/m against sigma_tilde, with the weights of the actual nodes by
+    default. Its formulas are in :mod:`difftime.ipndm`. The first step takes the corrected start above.
   - ``unipc``: UniPC (Zhao et al. 2023), B(h) = e^h - 1 ("bh2"): a multistep predictor (order 2: the
     2M step) and a corrector that reuses the network call at the predicted point to raise the order
     by one, at no extra call. Its formulas are in :mod:`difftime.unipc`.
@@ -117,7 +109,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -135,6 +127,7 @@ from difftime.grids import (  # noqa: F401  (re-exported: the grids belong to sa
     time_grid,
     timesteps,
 )
+from difftime.ipndm import IPNDM_COEFFICIENTS, adams_bashforth_coefficients  # noqa: F401  (re-exported)
 from difftime.rng import randn_like_on
 from difftime.sde import SDE, broadcast_to
 from difftime.unipc import unipc_steps
@@ -444,31 +437,6 @@ def dpmpp_2m_sde(
     ``generator``. Same warm-up and final-order rules as 2M. One network call per step."""
     return _dpm_solver_pp(model, sde, x, check_grid(sde, ts), 2, denoise, lower_order_final, stochastic=True,
                           generator=generator)
-
-
-IPNDM_COEFFICIENTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
-_GAUSS_LEGENDRE_2 = (0.5 - 0.5 / math.sqrt(3), 0.5 + 0.5 / math.sqrt(3))  # on [0, 1], weights 1/2
-
-
-def adams_bashforth_coefficients(u: Sequence[float]) -> list[float]:
-    """Variable-step Adams-Bashforth weights b_j = int_0^1 L_j(v) dv for nodes u_0 = 0 > u_1 > ...
-
-    L_j is the Lagrange basis polynomial of the nodes (degree <= 3 for up to 4 nodes, so the
-    2-point Gauss-Legendre rule integrates it exactly). The nodes are the earlier abscissae in units
-    of the current step, u_j = (s_{i-j} - s_i) / (s_{i+1} - s_i); a uniform grid has u_j = -j and
-    gives the classic (1), (3, -1)/2, (23, -16, 5)/12, (55, -59, 37, -9)/24.
-    """
-    weights = []
-    for j, uj in enumerate(u):
-        b = 0.0
-        for v in _GAUSS_LEGENDRE_2:
-            basis = 1.0
-            for k, uk in enumerate(u):
-                if k != j:
-                    basis *= (v - uk) / (uj - uk)
-            b += 0.5 * basis
-        weights.append(b)
-    return weights
 
 
 @torch.no_grad()
