@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,44 @@ def test_cli_train_and_fit_prior_under_torchrun(tmp_path):
                              progress=False, transforms=1, hidden=(16,))
     for name, value in prior.state_dict().items():
         torch.testing.assert_close(fitted[name], value, rtol=1e-4, atol=1e-5)
+
+
+def _readme_commands(program: str) -> list[str]:
+    """Every command line of the README's code blocks that starts with ``program``, continuation
+    lines joined and comments dropped."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = text.split("```")[1::2]
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [line.split(" #")[0].strip() for line in lines if line.strip().startswith(program + " ")]
+
+
+def test_readme_difftime_commands_parse():
+    from difftime.cli import build_parser
+
+    commands = _readme_commands("difftime")
+    assert len(commands) >= 20
+    for command in commands:
+        build_parser().parse_args(shlex.split(command)[1:])
+
+
+def test_readme_torchrun_commands_reach_difftime_whole():
+    """torchrun's own parser reads abbreviations of its options anywhere on the line (``--run`` as
+    ``--run-path``), so each README command must hand difftime all of its arguments, which
+    difftime's parser then accepts."""
+    from torch.distributed.run import get_args_parser
+
+    from difftime.cli import build_parser
+
+    commands = _readme_commands("torchrun")
+    assert len(commands) >= 8
+    assert any(" study " in c and "--run " in c for c in commands)  # the case that needs the --
+    for command in commands:
+        argv = shlex.split(command.replace("$NODE_RANK", "0").replace("$HEAD", "node0"))[1:]
+        launch = get_args_parser().parse_args(argv)
+        assert launch.module and launch.training_script == "difftime.cli", command
+        script_args = launch.training_script_args
+        assert script_args == argv[argv.index("--") + 1:], command
+        build_parser().parse_args(script_args)
+    # Without the --, torchrun takes study's --run for its own option and stops.
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["-m", "difftime.cli", "study", "--run", "runs/x", "--out", "y"])

@@ -577,9 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("study", help="measure the T trade-off over a grid of T x prior x sampler, with a report",
-                       epilog="Under torchrun (torchrun --nproc_per_node N -m difftime.cli study ...) the ranks share "
-                       "the training of per-T networks, prior fits, grids, likelihood and sampling batches and "
-                       "feature extraction, with the same results at any world size.")
+                       epilog="Under torchrun (torchrun --nproc_per_node N -m difftime.cli -- study ...; the -- stops "
+                       "torchrun reading --run as its --run-path) the ranks share the training of per-T networks, "
+                       "prior fits, grids, likelihood and sampling batches and feature extraction, with the same "
+                       "results at any world size.")
     p.add_argument("--preset", help="preset (training + study settings): digits, toy, gaussian, mnist, ...")
     p.add_argument("--config", help="JSON config file merged over the preset")
     p.add_argument("--out", required=True, help="study directory; rerunning with it resumes")
