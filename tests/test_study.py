@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from difftime.cli import main
+from difftime.errors import DifftimeError
 from difftime.gridopt import TimeGrid
-from difftime.study import frontier_steps
+from difftime.study import Study, frontier_steps, study_config
 from difftime.study.analysis import claims, nfe_savings, quality_frontier
 
 TINY_NET = {"ch": 8, "ch_mult": [1], "groups": 4, "mid_attention": False}
@@ -86,6 +87,11 @@ def test_pfode_subset_and_headline_fid(digits_study):
             assert d["mean"] == pytest.approx(row["best"]["fid"] - ref["fid"], rel=1e-9)
             assert d["lo"] < d["mean"] < d["hi"]
     assert head["work_s"] > 0
+    # The floor: held-out real images against the same reference images, which a tiny model's samples do not reach.
+    floor = head["floor"]
+    assert floor["n"] == 16 and floor["split"] == "test" and floor["reference_split"] == "train"
+    assert 0 < floor["fid"]["value"] < min(row["reference"]["fid"] for row in head["rows"])
+    assert "real-data floor at this n" in (digits_study / "report.md").read_text()
     # Fresh draws: the headline's seed is not the selection's, so its samples are not the ones that won.
     assert head["seed"] != head["selection_seed"] == r["config"]["seed"]
     from difftime.study.runner import headline_seed
@@ -526,3 +532,21 @@ def test_compare_puts_committed_studies_side_by_side(capsys):
     assert f"{max(a['se'] for a in adjacent['adjacent']):.4f}" in se
     assert compare([str(root)]) == 2
     assert "has no results.json" in capsys.readouterr().err
+
+
+def test_a_pretrained_run_is_recorded_as_given_and_recognised_in_any_spelling(tmp_path, monkeypatch):
+    """study.json names the run as the user wrote it (no machine's folders in a committed result);
+    a rerun that names the same folder another way is the same study, another folder is refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "b").mkdir()
+    (tmp_path / "st").mkdir()
+    config = study_config("digits", None, {})
+    Study("st", config, run="runs/a")._claim_directory()
+    assert json.loads((tmp_path / "st" / "study.json").read_text())["run"] == "runs/a"
+    Study("st", config, run=str(tmp_path / "runs" / "a"))._claim_directory()
+    Study("st", config, run="runs/../runs/a")._claim_directory()
+    with pytest.raises(DifftimeError, match="--run"):
+        Study("st", config, run="runs/b")._claim_directory()
+    with pytest.raises(DifftimeError, match="--run"):
+        Study("st", config)._claim_directory()

@@ -437,6 +437,13 @@ def _fid_headline_md(rep: _Report) -> list[str]:
                   + (f" and by {chosen_by.upper()} on the same fresh samples" if fresh else "")
                   + ". Each difference has a paired bootstrap 95% interval.")
         md.append("")
+        floor = headline.get("floor")
+        if floor:
+            md.append(f"**The real-data floor at this n:** {floor['n']} held-out {floor['split']} images against the "
+                      f"same {floor['n']} {floor['reference_split']} images score FID "
+                      f"{_pm(floor['fid']['value'], floor['fid'].get('se'), 3)}; a perfect model scores about this, "
+                      "so read each FID as its distance above the floor.")
+            md.append("")
         hrows = []
         for r in headline["rows"]:
             b, ref = r.get("best"), r.get("reference")

@@ -82,7 +82,8 @@ class Study:
         self.settings = study_settings(config)
         # The resolved sampling eps goes into study.json: a rerun after the library default moved is refused.
         self.config = merge(config, {"study": {"sample_eps": self.settings["sample_eps"]}})
-        self.pretrained = str(Path(run).resolve()) if run is not None else None
+        # Recorded as given (a relative path stays relative, so results name no machine's folders).
+        self.pretrained = str(Path(run)) if run is not None else None
         if self.pretrained is not None and self.settings["mode"] != "truncate":
             raise DifftimeError("--run uses one pretrained model, which is study mode 'truncate'; drop --mode per-T")
         self.device = device
@@ -104,7 +105,9 @@ class Study:
             defaults = build_config()["study"]
             old["study"].update({k: v for k, v in new["study"].items()
                                  if k not in old["study"] and k in defaults and v == defaults[k]})
-            changed = _changed_keys(old, new) + (["--run"] if saved.get("run") != self.pretrained else [])
+            same_run = (saved.get("run") is None) == (self.pretrained is None) and (
+                self.pretrained is None or Path(saved["run"]).resolve() == Path(self.pretrained).resolve())
+            changed = _changed_keys(old, new) + ([] if same_run else ["--run"])
             if changed:
                 raise DifftimeError(
                     f"{self.out} holds a study with different settings ({', '.join(changed)}); only "
@@ -185,14 +188,9 @@ class Study:
             if "quality" in floor:
                 return floor
         ref, held_out = self._splits(dataset)
-        pool = dataset.test if held_out == "test" else dataset.train
         n = self.settings["n_samples"]
-        if len(pool) < n:
-            raise DifftimeError(f"study.n_samples={n} exceeds the {len(pool)} held-out {held_out} examples the data "
-                                f"floor is scored on; lower --n-samples or set study.reference_split")
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.config["seed"]))
         floor = {"n_samples": n, "split": held_out, "reference_split": ref,
-                 "quality": self._quality(pool[order[:n]].numpy(), dataset, shard=False)}
+                 "quality": self._quality(self._held_out_examples(dataset, n), dataset, shard=False)}
         save_json(path, floor)
         return floor
 
@@ -437,9 +435,45 @@ class Study:
                         None if diff is None else {**diff.to_dict(), "resolved": diff.resolved})
             rows.append(row)
         return {"rows": rows, "reference_split": self._splits(dataset)[0], "n_samples": n, "n_reference": n,
+                "floor": self._fid_floor(dataset, n, boot),
                 "seed": held_out, "selection_seed": self.config["seed"], "metric": metric,
                 "bootstrap": boot, "work_s": sum(r["sample_wall_s"] + r["fid_wall_s"] for r in scored.values()),
                 "wall_s": time.perf_counter() - start}
+
+    def _held_out_examples(self, dataset, n: int) -> np.ndarray:
+        """The first n of a seeded permutation of the held-out split: the real examples of every floor."""
+        held_out = self._splits(dataset)[1]
+        pool = dataset.test if held_out == "test" else dataset.train
+        if len(pool) < n:
+            raise DifftimeError(f"study.n_samples={n} exceeds the {len(pool)} held-out {held_out} examples the data "
+                                f"floor is scored on; lower --n-samples or set study.reference_split")
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.config["seed"]))
+        return pool[order[:n]].numpy()
+
+    def _fid_floor(self, dataset, n: int, boot: int) -> dict[str, Any]:
+        """The headline FID's real-data floor: n held-out real images scored by Inception FID against
+        the same n reference images as every headline configuration (FID at small n is dominated by
+        its own bias, so a headline FID means something only beside this). Cached in fid/floor.json."""
+        path = self.out / "fid" / "floor.json"
+
+        def cached() -> dict[str, Any] | None:
+            saved = read_json_file(path, "FID floor") if path.is_file() else None
+            if saved is not None and saved.get("n") == n and len(saved["fid"].get("replicates", [])) == boot:
+                return saved
+            return None
+
+        saved = distributed.on_main(cached)
+        if saved is not None:
+            return saved
+        start = time.perf_counter()
+        ref, held_out = self._splits(dataset)
+        fid = quality_metrics(self._held_out_examples(dataset, n), dataset.name, ("fid",), n_reference=n,
+                              reference_split=ref, seed=self.config["seed"], progress=self.progress, bootstrap=boot,
+                              shard=True)["fid"]
+        record = {"n": n, "split": held_out, "reference_split": ref, "fid": fid, "wall_s": time.perf_counter() - start}
+        if distributed.is_main():
+            save_json(path, record)
+        return record
 
     def _headline_scores(self, c: dict[str, Any], name: str, n: int, boot: int, metric: str, runs, priors,
                          dataset) -> dict[str, Any]:
