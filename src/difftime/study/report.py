@@ -458,8 +458,8 @@ def _fid_headline_md(rep: _Report) -> list[str]:
                 cells += [f"{d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]"
                           + (" (resolved)" if d["resolved"] else " (not resolved)") if d else "-"]
             hrows.append(cells)
-        header = ["NFE budget", "best truncated configuration", "FID", f"T={summary['T_ref']:g} standard", "FID",
-                  "FID difference"]
+        header = ["NFE budget", "best configuration (short T or fitted prior)", "FID",
+                  f"T={summary['T_ref']:g} standard", "FID", "FID difference"]
         if fresh:
             header += [f"{chosen_by.upper()} best", f"{chosen_by.upper()} standard", f"{chosen_by.upper()} difference"]
         md.append(_table(header, hrows))

@@ -395,9 +395,10 @@ class Study:
     def _fid_headline(self, cells: list[dict[str, Any]], runs: dict[float, Any], priors: dict[float, dict[str, Any]],
                       dataset, T_ref: float) -> dict[str, Any] | None:
         """Inception FID of the headline configurations: at each NFE budget of the quality frontier,
-        its best truncated configuration and the T_ref standard one. Both are selected on the study's
-        seed, so their samples are drawn again from a held-out seed (``headline_seed``, the same for
-        both sides): scores of fresh draws, without the winner's curse of the selection. The
+        its best configuration (a short T or a fitted prior) and the T_ref standard one. Both are
+        selected on the study's seed, so their samples are drawn again from a held-out seed
+        (``headline_seed``, the same for both sides): scores of fresh draws, without the winner's
+        curse of the selection. The
         ``study.fid_headline`` samples are scored by Inception FID against as many reference images
         and by the selection metric, with bootstrap replicates that share counts, so best - reference
         gets a paired interval. Each configuration is cached in ``fid/``. Inception is slow on a CPU
