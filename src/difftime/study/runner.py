@@ -7,6 +7,7 @@ import contextlib
 import copy
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,16 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 HEADLINE_STREAM = 7  # difftime.rng stream of the headline's held-out draws
+
+
+def _cached_record(path: Path, what: str, valid: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """The JSON record at ``path`` if rank 0 finds it there and ``valid``, on every rank; None means
+    the work is to be done (by every rank, so the decision is rank 0's alone)."""
+    def load() -> dict[str, Any] | None:
+        saved = read_json_file(path, what) if path.is_file() else None
+        return saved if saved is not None and valid(saved) else None
+
+    return distributed.on_main(load)
 
 
 def headline_seed(seed: int) -> int:
@@ -243,14 +254,7 @@ class Study:
         path, arrays = self.out / "likelihood.json", self.out / "likelihood.npz"
         grid = {"T_grid": s["T_grid"], "priors": s["priors"], "n": s["n_likelihood"], "n_pfode": s["n_pfode"]}
 
-        def cached() -> dict[str, Any] | None:
-            if path.is_file() and arrays.is_file():
-                saved = read_json_file(path, "likelihood record")
-                if saved.get("grid") == grid:
-                    return saved
-            return None
-
-        saved = distributed.on_main(cached)
+        saved = _cached_record(path, "likelihood record", lambda r: arrays.is_file() and r.get("grid") == grid)
         if saved is not None:
             return saved
         start = time.perf_counter()
@@ -457,13 +461,8 @@ class Study:
         its own bias, so a headline FID means something only beside this). Cached in fid/floor.json."""
         path = self.out / "fid" / "floor.json"
 
-        def cached() -> dict[str, Any] | None:
-            saved = read_json_file(path, "FID floor") if path.is_file() else None
-            if saved is not None and saved.get("n") == n and len(saved["fid"].get("replicates", [])) == boot:
-                return saved
-            return None
-
-        saved = distributed.on_main(cached)
+        saved = _cached_record(path, "FID floor",
+                               lambda r: r.get("n") == n and len(r["fid"].get("replicates", [])) == boot)
         if saved is not None:
             return saved
         start = time.perf_counter()
@@ -484,14 +483,9 @@ class Study:
         held_out = headline_seed(self.config["seed"])
         path = self.out / "fid" / f"{name}.json"
 
-        def cached() -> dict[str, Any] | None:
-            saved = read_json_file(path, "FID record") if path.is_file() else None
-            if (saved is not None and saved.get("n") == n and saved.get("seed") == held_out
-                    and len(saved["fid"].get("replicates", [])) == boot and metric in saved):
-                return saved
-            return None  # new, or scored at another study.fid_headline / bootstrap / seed
-
-        saved = distributed.on_main(cached)
+        # None: new, or scored at another study.fid_headline / bootstrap / seed.
+        saved = _cached_record(path, "FID record", lambda r: r.get("n") == n and r.get("seed") == held_out and len(
+            r["fid"].get("replicates", [])) == boot and metric in r)
         if saved is not None:
             return saved
         options = ({"ts": TimeGrid.load(self.out / c["grid_file"]).ts} if c.get("grid_file")
