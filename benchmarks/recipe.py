@@ -269,6 +269,21 @@ def cmd_report(args: argparse.Namespace) -> None:
                     if d is not None:
                         parts.append(f"{metric.upper()} at {nfe[3:]} NFE {ci_text(d, digits=2)}")
             lines.append(f"- {name} minus baseline: " + "; ".join(parts))
+    if args.against in runs:
+        ref_name = args.against
+        ref_key = max(runs[ref_name]["scores"], key=int)
+        ref = runs[ref_name]["scores"][ref_key]
+        lines += ["", f"Screens: each run's last checkpoint minus `{ref_name}`'s (step {ref_key}, "
+                  f"{ref['train_wall_s'] / 60:.1f} min), paired as above, at NFE 10 (95% intervals):", ""]
+        for name, rec in runs.items():
+            if name in (ref_name, "baseline"):
+                continue
+            key = max(rec["scores"], key=int)
+            sc = rec["scores"][key]
+            parts = [f"{metric.upper()} {ci_text(d, digits=2)}" for metric in ("kid", "fid")
+                     if (d := quality_difference(sc["nfe10"][metric], ref["nfe10"][metric], metric)) is not None]
+            lines.append(f"- {name} (step {key}, {sc['train_wall_s'] / 60:.1f} min) minus {ref_name}: "
+                         + "; ".join(parts))
     lines += ["", "The recipes (overrides on the `mnist-cpu` network):", ""]
     for name, rec in runs.items():
         lines.append(f"- `{name}` (recipe `{rec['recipe']}`, {rec['threads']} thread(s)): "
@@ -327,6 +342,7 @@ def main() -> None:
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--floor-cache", default="runs/recipe/floor")
+    p.add_argument("--against", default="edm", help="the run every other run's last checkpoint is paired against")
     p.set_defaults(func=cmd_report)
     for p in sub.choices.values():
         p.add_argument("--threads", type=int, default=2)
