@@ -76,6 +76,15 @@ RECIPES: dict[str, dict[str, Any]] = {
                 "train": {"batch_size": 32, "lr": 2e-3, "warmup": 800, "ema_decay": 0.99975,
                           "t_distribution": "log-snr-normal", "log_snr_mean": 1.2, "log_snr_std": 1.2,
                           "weighting": "edm", "lr_schedule": "cosine"}},
+    # Where the network spends its FLOPs (the same EDM training): more channels at 7x7, where the
+    # digit's shape is decided and a channel costs 16x less than at 28x28 ...
+    "edm-c124": {"net": {"precond": "edm", "sigma_data": 0.5, "ch": 32, "ch_mult": [1, 2, 4]},
+                 "train": {"lr": 2e-3, "warmup": 200, "ema_decay": 0.999, "t_distribution": "log-snr-normal",
+                           "log_snr_mean": 1.2, "log_snr_std": 1.2, "weighting": "edm", "lr_schedule": "cosine"}},
+    # ... or half the channels at 28x28 and 64 below: 36% more samples per second.
+    "edm-lean": {"net": {"precond": "edm", "sigma_data": 0.5, "ch": 16, "ch_mult": [1, 4, 4]},
+                 "train": {"lr": 2e-3, "warmup": 200, "ema_decay": 0.999, "t_distribution": "log-snr-normal",
+                           "log_snr_mean": 1.2, "log_snr_std": 1.2, "weighting": "edm", "lr_schedule": "cosine"}},
 }
 N_KID, N_FID, N_NLL, BOOT, FID_BOOT = 2000, 1000, 200, 200, 50
 
