@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from common import set_up_process
 
-from difftime.config import build_config, merge
+from difftime.config import build_config, merge, validate
 from difftime.data import load_data
 from difftime.evaluation import draw_samples, likelihood_across_T, resolve_prior
+from difftime.grids import SPACINGS
 from difftime.io import atomic_write_bytes, load_state_dict_strict, load_tensors, read_json_file
 from difftime.metrics import quality_metrics
 from difftime.plots import save_samples_figure
@@ -92,7 +93,9 @@ N_KID, N_FID, N_NLL, BOOT, FID_BOOT = 2000, 1000, 200, 200, 50
 def recipe_config(name: str, steps: int, ckpt_every: int) -> dict[str, Any]:
     config = build_config(preset=PRESET)
     config = merge(config, RECIPES[name])
-    return merge(config, {"train": {"steps": steps, "ckpt_every": ckpt_every, "keep_checkpoints": 1000}})
+    config = merge(config, {"train": {"steps": steps, "ckpt_every": ckpt_every, "keep_checkpoints": 1000}})
+    validate(config)
+    return config
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -155,7 +158,8 @@ def data_floor(cache: Path) -> dict[str, Any]:
     return floor
 
 
-def score_checkpoint(run, nfes: tuple[int, ...], nll: bool, grid: Path | None) -> dict[str, Any]:
+def score_checkpoint(run, nfes: tuple[int, ...], nll: bool, grid: Path | None, precision: str = "bf16",
+                     spacing: str = "logsnr") -> dict[str, Any]:
     T = run.sde.T_max
     eps = sample_eps(run.config["config"])
     prior = resolve_prior(run, "standard", T)
@@ -163,7 +167,7 @@ def score_checkpoint(run, nfes: tuple[int, ...], nll: bool, grid: Path | None) -
     out: dict[str, Any] = {}
     for nfe in nfes:
         samples, got, wall = draw_samples(run, prior, T, "dpm++2m", steps[nfe], N_KID, seed=0, eps=eps,
-                                          precision="bf16")
+                                          precision=precision, spacing=spacing)
         assert got == nfe, (got, nfe)
         kid = quality_metrics(samples, "mnist", ("kid",), reference_split="test", seed=0, progress=False,
                               bootstrap=BOOT)["kid"]
@@ -189,13 +193,21 @@ def score_checkpoint(run, nfes: tuple[int, ...], nll: bool, grid: Path | None) -
     return out
 
 
+def variant_name(weights: str, precision: str, spacing: str) -> str:
+    """'' for the defaults, else '-model', '-fp32', '-karras', ... joined in that order."""
+    parts = [v for v, default in ((weights, "ema"), (precision, "bf16"), (spacing, "logsnr")) if v != default]
+    return "".join(f"-{v}" for v in parts)
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
     walls = read_json_file(run_dir / "wall.json", "wall record")
     steps = sorted(int(k) for k in walls if k.isdigit())
     final = steps[-1]
-    # The EMA weights are the run's result; --weights model scores the raw weights beside them.
-    path = run_dir / ("scores.json" if args.weights == "ema" else f"scores-{args.weights}.json")
+    # The EMA weights, a bf16 network and the log-SNR grid are the run's result; any other choice is a
+    # variant scored beside it (the same x_T seeds) in its own file, which the report pairs with it.
+    variant = variant_name(args.weights, args.precision, args.spacing)
+    path = run_dir / f"scores{variant}.json"
     scores = read_json_file(path, "scores") if path.is_file() else {}
     chosen = [s for s in steps if not args.steps or s in args.steps]
     for step in chosen:
@@ -206,8 +218,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         run = _load_checkpoint(run_dir, step, args.weights)
         nfes = (10, 20) if full else (10,)
         t0 = time.perf_counter()
-        grid = run_dir / "grids" / f"step-{step}{'' if args.weights == 'ema' else '-' + args.weights}.png"
-        rec = score_checkpoint(run, nfes, full, grid)
+        grid = run_dir / "grids" / f"step-{step}{variant}.png"
+        rec = score_checkpoint(run, nfes, full, grid, args.precision, args.spacing)
         rec.update(step=step, train_wall_s=walls[key], score_wall_s=time.perf_counter() - t0)
         scores[key] = rec
         atomic_write_bytes(path, json.dumps(scores, indent=1).encode())
@@ -293,6 +305,19 @@ def cmd_report(args: argparse.Namespace) -> None:
                      if (d := quality_difference(sc["nfe10"][metric], ref["nfe10"][metric], metric)) is not None]
             lines.append(f"- {name} (step {key}, {sc['train_wall_s'] / 60:.1f} min) minus {ref_name}: "
                          + "; ".join(parts))
+    variants = [(name, f.stem[len("scores-"):], read_json_file(f, "scores"))
+                for name, rec in runs.items() for f in sorted(Path(rec["dir"]).glob("scores-*.json"))]
+    if variants:
+        lines += ["", "Sampling variants of the same checkpoint (raw instead of EMA weights, a float32 network, "
+                  "another dpm++2m grid) minus the default (EMA, bf16, log-SNR grid), the same x_T seeds, "
+                  "paired, at NFE 10 (95% intervals):", ""]
+        for name, variant, scores in variants:
+            for key, sc in sorted(scores.items(), key=lambda kv: int(kv[0])):
+                base = runs[name]["scores"][key]["nfe10"]
+                parts = [f"{metric.upper()} {_fmt(sc['nfe10'][metric])}, minus default {ci_text(d, digits=2)}"
+                         for metric in ("kid", "fid")
+                         if (d := quality_difference(sc["nfe10"][metric], base[metric], metric)) is not None]
+                lines.append(f"- {name} step {key}, `{variant}`: " + "; ".join(parts))
     lines += ["", "The recipes (overrides on the `mnist-cpu` network):", ""]
     for name, rec in runs.items():
         lines.append(f"- `{name}` (recipe `{rec['recipe']}`, {rec['threads']} thread(s)): "
@@ -346,6 +371,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="*", help="checkpoints to score (default: all)")
     p.add_argument("--full", action="store_true", help="the last checkpoint also at NFE 20 and its PF-ODE NLL")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the network's precision in sampling")
+    p.add_argument("--spacing", choices=list(SPACINGS), default="logsnr", help="dpm++2m's time grid")
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("report")
     p.add_argument("runs", nargs="+")

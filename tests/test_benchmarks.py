@@ -59,3 +59,22 @@ def test_study_ranks_projection_is_amdahl_per_stage(tmp_path):
     assert shared[1] == pytest.approx(times[1], abs=0.1) and shared[2] == pytest.approx(times[2] - 5, abs=0.1)
     more = {q["ranks"]: q["time_s"] for q in project(tmp_path, ranks=(8,), sample_batch=125)["projection"]}
     assert more[8] == pytest.approx(50 + 100 / 8 + 60 / 2, abs=0.1)
+
+
+def test_recipe_screen_configs_are_valid_and_edm_is_the_mnist_cpu_preset():
+    """Every screened recipe is a valid config; `edm` at the preset's steps is `difftime train --preset
+    mnist-cpu` (apart from how many checkpoint folders stay on disk), which is what lets
+    docs/mnist-study use runs/recipe/edm-alone as the preset's model."""
+    from recipe import RECIPES, recipe_config, variant_name
+
+    from difftime.config import build_config
+
+    for name in RECIPES:
+        recipe_config(name, 100, 50)
+    preset = build_config(preset="mnist-cpu")
+    edm = recipe_config("edm", preset["train"]["steps"], preset["train"]["ckpt_every"])
+    edm["train"]["keep_checkpoints"] = preset["train"]["keep_checkpoints"]
+    assert edm == preset
+    # score variants: the defaults write scores.json, every other choice its own file
+    names = {variant_name(w, p, s) for w in ("ema", "model") for p in ("bf16", "fp32") for s in ("logsnr", "karras")}
+    assert variant_name("ema", "bf16", "logsnr") == "" and len(names) == 8
