@@ -108,7 +108,6 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path):
     assert _logged_steps(run) == _logged_steps(reference), where
     assert [p.name for p in saved_checkpoints(run)] == ["step-00000195", "step-00000200"], where
     assert not list(run.rglob("*.tmp")), where
-    assert time.monotonic() - start < 120, where
 
 
 def _config(steps: int, **train) -> dict:
