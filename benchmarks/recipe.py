@@ -38,7 +38,7 @@ from common import set_up_process
 
 from difftime.config import build_config, merge, validate
 from difftime.data import load_data
-from difftime.evaluation import draw_samples, likelihood_across_T, resolve_prior
+from difftime.evaluation import SAMPLE_PRECISIONS, draw_samples, likelihood_across_T, resolve_prior
 from difftime.grids import SPACINGS
 from difftime.io import atomic_write_bytes, load_state_dict_strict, load_tensors, read_json_file
 from difftime.metrics import quality_metrics
@@ -51,41 +51,37 @@ from difftime.training import Trainer
 
 PRESET = "mnist-cpu"
 # Overrides on the preset. "baseline" is the mnist-cpu recipe before the EDM options existed.
+_EDM_NET = {"precond": "edm", "sigma_data": 0.5}
+_EDM_TRAIN = {"lr": 2e-3, "warmup": 200, "ema_decay": 0.999, "t_distribution": "log-snr-normal",
+              "log_snr_mean": 1.2, "log_snr_std": 1.2, "weighting": "edm", "lr_schedule": "cosine"}
+
+
+def _edm(net: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The EDM recipe with some of its net / train keys changed."""
+    return {"net": {**_EDM_NET, **(net or {})}, "train": {**_EDM_TRAIN, **(train or {})}}
+
+
 RECIPES: dict[str, dict[str, Any]] = {
     "baseline": {"net": {"precond": "none"},
                  "train": {"lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "t_distribution": "uniform",
                            "weighting": "standard", "lr_schedule": "constant"}},
     # EDM: preconditioning, log-SNR ~ N(1.2, 1.2), unit weight on F's target; cosine decay.
-    "edm": {"net": {"precond": "edm", "sigma_data": 0.5},
-            "train": {"lr": 2e-3, "warmup": 200, "ema_decay": 0.999, "t_distribution": "log-snr-normal",
-                      "log_snr_mean": 1.2, "log_snr_std": 1.2, "weighting": "edm", "lr_schedule": "cosine"}},
+    "edm": _edm(),
     # The same, with a wider log-SNR draw (more weight at low noise, where bits/dim are decided).
-    "edm-wide": {"net": {"precond": "edm", "sigma_data": 0.5},
-                 "train": {"lr": 2e-3, "warmup": 200, "ema_decay": 0.999, "t_distribution": "log-snr-normal",
-                           "log_snr_mean": 1.6, "log_snr_std": 1.8, "weighting": "edm", "lr_schedule": "cosine"}},
+    "edm-wide": _edm(train={"log_snr_mean": 1.6, "log_snr_std": 1.8}),
     # min-SNR-5 weighting of the eps loss under uniform t, with EDM preconditioning and cosine decay.
-    "min-snr": {"net": {"precond": "edm", "sigma_data": 0.5},
+    "min-snr": {"net": _EDM_NET,
                 "train": {"lr": 2e-3, "warmup": 200, "ema_decay": 0.999, "t_distribution": "uniform",
                           "weighting": "min-snr", "min_snr_gamma": 5.0, "lr_schedule": "cosine"}},
     # EDM at smaller batches: more updates in the same wall time (the U-Net's samples/s on 2 cores holds
     # at batch 64 and falls ~15% at 32). EMA decay and warm-up keep their length in samples.
-    "edm-b64": {"net": {"precond": "edm", "sigma_data": 0.5},
-                "train": {"batch_size": 64, "lr": 2e-3, "warmup": 400, "ema_decay": 0.9995,
-                          "t_distribution": "log-snr-normal", "log_snr_mean": 1.2, "log_snr_std": 1.2,
-                          "weighting": "edm", "lr_schedule": "cosine"}},
-    "edm-b32": {"net": {"precond": "edm", "sigma_data": 0.5},
-                "train": {"batch_size": 32, "lr": 2e-3, "warmup": 800, "ema_decay": 0.99975,
-                          "t_distribution": "log-snr-normal", "log_snr_mean": 1.2, "log_snr_std": 1.2,
-                          "weighting": "edm", "lr_schedule": "cosine"}},
+    "edm-b64": _edm(train={"batch_size": 64, "warmup": 400, "ema_decay": 0.9995}),
+    "edm-b32": _edm(train={"batch_size": 32, "warmup": 800, "ema_decay": 0.99975}),
     # Where the network spends its FLOPs (the same EDM training): more channels at 7x7, where the
     # digit's shape is decided and a channel costs 16x less than at 28x28 ...
-    "edm-c124": {"net": {"precond": "edm", "sigma_data": 0.5, "ch": 32, "ch_mult": [1, 2, 4]},
-                 "train": {"lr": 2e-3, "warmup": 200, "ema_decay": 0.999, "t_distribution": "log-snr-normal",
-                           "log_snr_mean": 1.2, "log_snr_std": 1.2, "weighting": "edm", "lr_schedule": "cosine"}},
+    "edm-c124": _edm(net={"ch": 32, "ch_mult": [1, 2, 4]}),
     # ... or half the channels at 28x28 and 64 below: 36% more samples per second.
-    "edm-lean": {"net": {"precond": "edm", "sigma_data": 0.5, "ch": 16, "ch_mult": [1, 4, 4]},
-                 "train": {"lr": 2e-3, "warmup": 200, "ema_decay": 0.999, "t_distribution": "log-snr-normal",
-                           "log_snr_mean": 1.2, "log_snr_std": 1.2, "weighting": "edm", "lr_schedule": "cosine"}},
+    "edm-lean": _edm(net={"ch": 16, "ch_mult": [1, 4, 4]}),
 }
 N_KID, N_FID, N_NLL, BOOT, FID_BOOT = 2000, 1000, 200, 200, 50
 
@@ -237,6 +233,12 @@ def _nll_text(nll: dict[str, Any] | None) -> str:
     return "-" if nll is None else f"{nll['bpd']:.4f} +- {nll['se']:.4f}"
 
 
+def _nfe10_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(metric, a - b) at NFE 10 for KID and FID, from bootstrap replicates that share their counts."""
+    return [(m, d) for m in ("kid", "fid")
+            if (d := quality_difference(a["nfe10"][m], b["nfe10"][m], m)) is not None]
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from matplotlib.figure import Figure
 
@@ -301,8 +303,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                 continue
             key = max(rec["scores"], key=int)
             sc = rec["scores"][key]
-            parts = [f"{metric.upper()} {ci_text(d, digits=2)}" for metric in ("kid", "fid")
-                     if (d := quality_difference(sc["nfe10"][metric], ref["nfe10"][metric], metric)) is not None]
+            parts = [f"{m.upper()} {ci_text(d, digits=2)}" for m, d in _nfe10_differences(sc, ref)]
             lines.append(f"- {name} (step {key}, {sc['train_wall_s'] / 60:.1f} min) minus {ref_name}: "
                          + "; ".join(parts))
     variants = [(name, f.stem[len("scores-"):], read_json_file(f, "scores"))
@@ -313,10 +314,10 @@ def cmd_report(args: argparse.Namespace) -> None:
                   "paired, at NFE 10 (95% intervals):", ""]
         for name, variant, scores in variants:
             for key, sc in sorted(scores.items(), key=lambda kv: int(kv[0])):
-                base = runs[name]["scores"][key]["nfe10"]
-                parts = [f"{metric.upper()} {_fmt(sc['nfe10'][metric])}, minus default {ci_text(d, digits=2)}"
-                         for metric in ("kid", "fid")
-                         if (d := quality_difference(sc["nfe10"][metric], base[metric], metric)) is not None]
+                if key not in runs[name]["scores"]:
+                    continue  # no default scoring of that checkpoint to pair with
+                parts = [f"{m.upper()} {_fmt(sc['nfe10'][m])}, minus default {ci_text(d, digits=2)}"
+                         for m, d in _nfe10_differences(sc, runs[name]["scores"][key])]
                 lines.append(f"- {name} step {key}, `{variant}`: " + "; ".join(parts))
     lines += ["", "The recipes (overrides on the `mnist-cpu` network):", ""]
     for name, rec in runs.items():
@@ -371,7 +372,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="*", help="checkpoints to score (default: all)")
     p.add_argument("--full", action="store_true", help="the last checkpoint also at NFE 20 and its PF-ODE NLL")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the network's precision in sampling")
+    p.add_argument("--precision", choices=list(SAMPLE_PRECISIONS), default="bf16",
+                   help="the network's precision in sampling")
     p.add_argument("--spacing", choices=list(SPACINGS), default="logsnr", help="dpm++2m's time grid")
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("report")
